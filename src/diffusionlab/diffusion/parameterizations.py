@@ -1,0 +1,255 @@
+"""Parameterizations as EDM preconditioning coefficients, and the ``Denoiser`` module.
+
+D(x~; sigma) = c_skip(sigma) x~ + c_out(sigma) F(c_in(sigma) x~; c_noise(sigma))  (EDM eq. 7),
+with x~ = x / s = x0 + sigma n. EDM Table 1 gives the VP, VE and EDM rows; v and flow are derived
+in the same space. The network's time input ``c_noise`` is chosen by ``c_noise``:
+
+- ``"log"``:   ln(sigma) / 4 (EDM)
+- ``"t"``:     ``t_scale`` * schedule.t_of_sigma(sigma) (999 t for VP as EDM's VPPrecond,
+  1000 t for flow; on a discrete schedule t is the fractional step index)
+- ``"index"``: the nearest integer step in 0..T-1 of a discrete schedule (DDPM / iDDPM nets)
+- ``"auto"``:  ``"index"`` on discrete schedules, ``"t"`` on VP (t_scale 999) and flow (1000)
+  schedules, else ``"log"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from diffusionlab.diffusion.schedules import Schedule, VPSchedule, _check
+
+Coefficients = tuple[Tensor, Tensor, Tensor, Tensor]
+C_NOISE_KINDS = ("auto", "log", "t", "index")
+
+
+def _unwrap(schedule: Schedule) -> Schedule:
+    """The innermost base of shifted schedules."""
+    while hasattr(schedule, "base"):
+        schedule = schedule.base
+    return schedule
+
+
+class Parameterization(ABC):
+    """Coefficient functions of one parameterization; subclasses define ``_coefficients``."""
+
+    def __init__(self, schedule: Schedule, c_noise: str = "auto", t_scale: float | None = None):
+        _check(c_noise in C_NOISE_KINDS, "c_noise", c_noise, f"valid values: {list(C_NOISE_KINDS)}")
+        if c_noise == "index":
+            _check(
+                schedule.discrete, "c_noise", c_noise, f"needs a discrete schedule, got {schedule}"
+            )
+        _check(t_scale is None or t_scale > 0, "t_scale", t_scale, "must be > 0")
+        self.schedule = schedule
+        self.c_noise_kind, self.t_scale = self._resolve(c_noise, t_scale)
+
+    def _resolve(self, c_noise: str, t_scale: float | None) -> tuple[str, float]:
+        if c_noise != "auto":
+            return c_noise, 1.0 if t_scale is None else t_scale
+        if self.schedule.discrete:
+            return "index", 1.0
+        if isinstance(_unwrap(self.schedule), VPSchedule):
+            return "t", 999.0 if t_scale is None else t_scale
+        if self.schedule.scale_kind == "flow":
+            return "t", 1000.0 if t_scale is None else t_scale
+        return "log", 1.0
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        """The network's noise-level input (see module docstring)."""
+        if self.c_noise_kind == "log":
+            return sigma.log() / 4
+        if self.c_noise_kind == "index":
+            return self.schedule.sigma_to_index(sigma).to(sigma.dtype)
+        return self.t_scale * self.schedule.t_of_sigma(sigma)
+
+    @abstractmethod
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in)."""
+
+    def coefficients(self, sigma: Tensor | float) -> Coefficients:
+        """(c_skip, c_out, c_in, c_noise) at ``sigma`` (EDM eq. 7), same shape as ``sigma``."""
+        sigma = torch.as_tensor(sigma)
+        if not sigma.is_floating_point():
+            sigma = sigma.to(torch.get_default_dtype())
+        _check(bool((sigma > 0).all()), "sigma", float(sigma.min()), "must be > 0")
+        return (*self._coefficients(sigma), self.c_noise(sigma))
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """lambda = 1 / c_out^2: D-space weight equal to the MSE on F's own target."""
+        return 1 / self._coefficients(sigma)[1] ** 2
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(c_noise={self.c_noise_kind!r}, t_scale={self.t_scale:g})"
+
+
+class EpsParam(Parameterization):
+    """eps prediction (DDPM; EDM Table 1 VP): c_skip 1, c_out -sigma, c_in 1/sqrt(1+sigma^2)."""
+
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.ones_like(sigma), -sigma, torch.rsqrt(1 + sigma**2)
+
+
+class X0Param(Parameterization):
+    """x0 prediction: c_skip 0, c_out 1, c_in 1/sqrt(1+sigma^2)."""
+
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.zeros_like(sigma), torch.ones_like(sigma), torch.rsqrt(1 + sigma**2)
+
+
+class VParam(Parameterization):
+    """v prediction (Salimans & Ho 2022 sec. 4): v = alpha eps - sigma_vp x0 on z = alpha x~.
+
+    With alpha = 1/sqrt(1+sigma^2), x0 = alpha z - sigma_vp v gives c_skip 1/(1+sigma^2),
+    c_out -sigma/sqrt(1+sigma^2), c_in 1/sqrt(1+sigma^2).
+    """
+
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c_in = torch.rsqrt(1 + sigma**2)
+        return c_in**2, -sigma * c_in, c_in
+
+
+class EDMParam(Parameterization):
+    """EDM preconditioning (Karras et al. 2022, Table 1 / eq. 7); c_noise defaults to ln(sigma)/4."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        sigma_data: float = 0.5,
+        c_noise: str = "log",
+        t_scale: float | None = None,
+    ) -> None:
+        _check(sigma_data > 0, "sigma_data", sigma_data, "must be > 0")
+        self.sigma_data = float(sigma_data)
+        super().__init__(schedule, c_noise, t_scale)
+
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sd2 = self.sigma_data**2
+        c_in = torch.rsqrt(sigma**2 + sd2)
+        return sd2 / (sigma**2 + sd2), sigma * self.sigma_data * c_in, c_in
+
+
+class FlowParam(Parameterization):
+    """Rectified-flow velocity (Liu et al. 2022): F predicts v = n - x0 from x_t = x~ / (1 + sigma).
+
+    x0 = x_t - t v with t = sigma / (1 + sigma): c_skip = c_in = 1/(1+sigma), c_out = -sigma/(1+sigma).
+    """
+
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c_in = 1 / (1 + sigma)
+        return c_in, -sigma * c_in, c_in
+
+
+PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
+    "eps": EpsParam,
+    "x0": X0Param,
+    "v": VParam,
+    "edm": EDMParam,
+    "flow": FlowParam,
+}
+
+
+def get_parameterization(name: str, schedule: Schedule, **options: object) -> Parameterization:
+    """Build a parameterization by name."""
+    _check(
+        name in PARAMETERIZATIONS,
+        "parameterization",
+        name,
+        f"unknown; valid names: {sorted(PARAMETERIZATIONS)}",
+    )
+    return PARAMETERIZATIONS[name](schedule, **options)
+
+
+# ---------------------------------------------------------------- prediction conversions
+PREDICTIONS = ("x0", "eps", "v", "score", "velocity")
+
+
+def to_x0(kind: str, pred: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+    """The x0 estimate from a prediction of ``kind`` at x~ = ``x``, noise level ``sigma``.
+
+    eps: x~ = x0 + sigma eps; score: grad log p = -eps / sigma (Tweedie); v: Salimans & Ho v;
+    velocity: rectified-flow u = eps - x0.
+    """
+    _check(kind in PREDICTIONS, "prediction", kind, f"valid values: {list(PREDICTIONS)}")
+    if kind == "x0":
+        return pred
+    if kind == "eps":
+        return x - sigma * pred
+    if kind == "score":
+        return x + sigma**2 * pred
+    if kind == "v":
+        return x / (1 + sigma**2) - sigma * torch.rsqrt(1 + sigma**2) * pred
+    return (x - sigma * pred) / (1 + sigma)
+
+
+def from_x0(kind: str, x0: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+    """The prediction of ``kind`` implied by the x0 estimate ``x0`` (inverse of ``to_x0``)."""
+    _check(kind in PREDICTIONS, "prediction", kind, f"valid values: {list(PREDICTIONS)}")
+    if kind == "x0":
+        return x0
+    eps = (x - x0) / sigma
+    if kind == "eps":
+        return eps
+    if kind == "score":
+        return -eps / sigma
+    if kind == "v":
+        return (eps - sigma * x0) * torch.rsqrt(1 + sigma**2)
+    return eps - x0
+
+
+def convert(pred: Tensor, source: str, target: str, x: Tensor, sigma: Tensor) -> Tensor:
+    """Convert a prediction between x0, eps, v, score and velocity at (x~, sigma)."""
+    return from_x0(target, to_x0(source, pred, x, sigma), x, sigma)
+
+
+# ---------------------------------------------------------------- the denoiser
+def _per_sample_sigma(sigma: Tensor | float, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """sigma as ``[B]``: a scalar is broadcast, ``[B]`` or ``[B, 1, ...]`` is flattened."""
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
+    if sigma.numel() == 1:
+        return sigma.reshape(1).expand(x.shape[0])
+    _check(
+        sigma.numel() == x.shape[0], "sigma", tuple(sigma.shape), f"need 1 or {x.shape[0]} values"
+    )
+    return sigma.reshape(x.shape[0])
+
+
+class Denoiser(nn.Module):
+    """D(x~; sigma) = c_skip x~ + c_out F(c_in x~, c_noise, class_labels, augment_labels).
+
+    F runs in its parameters' dtype and gets a float32 ``[B]`` c_noise; coefficients and the skip
+    connection run in float32 (float64 when ``x`` is float64); the result has ``x``'s dtype.
+    """
+
+    def __init__(self, net: nn.Module, parameterization: Parameterization) -> None:
+        super().__init__()
+        self.net = net
+        self.parameterization = parameterization
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.parameterization.schedule
+
+    def forward(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        class_labels: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+    ) -> Tensor:
+        work = torch.promote_types(x.dtype, torch.float32)
+        sigma = _per_sample_sigma(sigma, x, work)
+        c_skip, c_out, c_in, c_noise = self.parameterization.coefficients(sigma)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        c_skip, c_out, c_in = c_skip.view(shape), c_out.view(shape), c_in.view(shape)
+        param = next(self.net.parameters(), None)
+        net_dtype = x.dtype if param is None else param.dtype
+        xw = x.to(work)
+        out = self.net(
+            (c_in * xw).to(net_dtype),
+            c_noise.float(),
+            class_labels=class_labels,
+            augment_labels=augment_labels,
+        )
+        return (c_skip * xw + c_out * out.to(work)).to(x.dtype)
