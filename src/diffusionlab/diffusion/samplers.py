@@ -1,0 +1,662 @@
+"""Samplers in EDM's sigma-space: integrate dx~/dsigma = (x~ - D(x~; sigma)) / sigma or its SDE.
+
+Every sampler has one signature, ``sampler(denoise, x, sigmas, *, generator=None, callback=None)``:
+``denoise(x, sigma)`` returns D(x; sigma) for a batch and a per-sample ``[B]`` sigma, ``x`` is noise
+already scaled to ``sigmas[0]``, ``sigmas`` is strictly decreasing and ends at 0. The callback gets
+``{'i', 'sigma', 'x', 'denoised', 'nfe'}`` after each network evaluation that starts a step, and
+``sampler.nfe`` holds the exact count of the last run. All noise comes from
+:func:`diffusionlab.diffusion.noise.randn_like`, so per-sample generators give batch-independent
+samples. Cost model (NFE for a grid of N positive sigmas): one evaluation per step for most
+samplers; 2N - 1 for Heun-type ones (the last step to 0 is Euler); N + 1 for PLMS;
+(1 + n_corrector) N for predictor-corrector; adaptive for RK45.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusionlab.diffusion import discretizations
+from diffusionlab.diffusion.noise import Generator, randn_like
+
+Denoise = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[dict[str, Any]], None]
+
+
+class _Model:
+    """Counts NFE, broadcasts a float sigma to ``[B]`` and forwards step info to the callback."""
+
+    def __init__(self, denoise: Denoise, callback: Callback | None) -> None:
+        self.denoise, self.callback, self.nfe = denoise, callback, 0
+
+    def __call__(self, x: Tensor, sigma: float) -> Tensor:
+        self.nfe += 1
+        return self.denoise(x, x.new_full((x.shape[0],), sigma))
+
+    def report(self, i: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
+        if self.callback is not None:
+            self.callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised, "nfe": self.nfe})
+
+
+# ----------------------------------------------------------------------------- first order
+def euler(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
+    """Euler on the probability-flow ODE (EDM eq. 4); equals DDIM(eta=0) and DPM-Solver++ 1."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        x = x + (sn - s) / s * (x - den)
+    return x
+
+
+def _ancestral_step(s: float, sn: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) with sigma_up^2 = eta^2 sn^2 (s^2 - sn^2) / s^2 (DDIM eq. 16)."""
+    up = min(sn, eta * math.sqrt(max(sn**2 * (s**2 - sn**2) / s**2, 0.0)))
+    return math.sqrt(max(sn**2 - up**2, 0.0)), up
+
+
+def euler_ancestral(
+    m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 1.0, s_noise: float = 1.0
+) -> Tensor:
+    """Euler down to sigma_down, then fresh noise of std sigma_up. In sigma-space this *is*
+    DDIM with ``eta`` (DDIM eq. 12 with x~ = x / sqrt(alpha_bar)) for any schedule."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        down, up = _ancestral_step(s, sn, eta)
+        x = x + (down - s) / s * (x - den)
+        if sn > 0 and up > 0:
+            x = x + randn_like(x, gen) * (s_noise * up)
+    return x
+
+
+def ddim(m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 0.0) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) in sigma-space; eta=0 is Euler, eta=1 is DDPM ancestral."""
+    return euler_ancestral(m, x, sig, gen, eta=eta)
+
+
+def ddpm(m: _Model, x: Tensor, sig: list[float], gen: Generator, variance: str = "small") -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7): mean of the forward posterior
+    q(x~_next | x~, x0 = D) = D + (sn/s)^2 (x~ - D), plus noise of variance
+    ``small`` = beta-tilde (the posterior's, sn^2 (s^2 - sn^2) / s^2) or ``large`` = beta_t
+    ((s^2 - sn^2)(1 + sn^2) / (1 + s^2) in x~ units, VP schedules)."""
+    if variance not in ("small", "large"):
+        raise ValueError(f"ddpm variance must be 'small' or 'large', got {variance!r}")
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        x = den + (sn / s) ** 2 * (x - den)
+        if sn > 0:
+            if variance == "small":
+                std = sn * math.sqrt(s**2 - sn**2) / s
+            else:
+                std = math.sqrt((s**2 - sn**2) * (1 + sn**2) / (1 + s**2))
+            x = x + randn_like(x, gen) * std
+    return x
+
+
+def euler_maruyama(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
+    """Euler-Maruyama on the reverse SDE dx = -2 sigma score dsigma + sqrt(2 sigma) dW
+    (EDM eq. 6 with beta = sigma'/sigma, i.e. Song et al. 2021's reverse VE SDE); the last
+    step to sigma = 0 returns the denoised mean."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        if sn == 0:
+            x = den
+        else:
+            x = x + 2 * (s - sn) / s * (den - x) + randn_like(x, gen) * math.sqrt(2 * s * (s - sn))
+    return x
+
+
+# ----------------------------------------------------------------------------- Heun / EDM
+def edm(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = float("inf"),
+    S_noise: float = 1.0,
+) -> Tensor:
+    """EDM Alg. 2: Heun's 2nd-order method with optional churn (stochastic when S_churn > 0);
+    the last step to sigma = 0 is Euler, so N steps cost 2N - 1 NFE."""
+    n = len(sig) - 1
+    for i in range(n):
+        s, sn = sig[i], sig[i + 1]
+        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= s <= S_tmax else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + randn_like(x, gen) * (S_noise * math.sqrt(s_hat**2 - s**2))
+        den = m(x, s_hat)
+        m.report(i, s_hat, x, den)
+        d = (x - den) / s_hat
+        x_next = x + (sn - s_hat) * d
+        if sn > 0:
+            d2 = (x_next - m(x_next, sn)) / sn
+            x_next = x + (sn - s_hat) * 0.5 * (d + d2)
+        x = x_next
+    return x
+
+
+def heun(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
+    """EDM Alg. 1: deterministic Heun (2nd order), 2N - 1 NFE."""
+    return edm(m, x, sig, gen)
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++
+def dpmpp_2m(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = -log sigma; with eta > 0 the
+    SDE-DPM-Solver++(2M) of the same paper (eq. 18-19). ``solver_type``: midpoint or heun."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    old, h_last = None, None
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        if sn == 0:
+            x = den
+            continue
+        h = math.log(s / sn)
+        eh = h * (1 + eta)
+        phi = -math.expm1(-eh)
+        x = (sn / s) * math.exp(-eta * h) * x + phi * den
+        if old is not None:
+            r = h_last / h
+            coef = 0.5 * phi if solver_type == "midpoint" else (1 - phi / eh)
+            x = x + coef / r * (den - old)
+        if eta > 0:
+            x = x + randn_like(x, gen) * (sn * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+        old, h_last = den, h
+    return x
+
+
+def dpmpp_2m_sde(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+) -> Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, eq. 18-19)."""
+    return dpmpp_2m(m, x, sig, gen, eta=eta, s_noise=s_noise, solver_type=solver_type)
+
+
+def dpmpp_3m(
+    m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 0.0, s_noise: float = 1.0
+) -> Tensor:
+    """DPM-Solver++(3M): 3rd-order multistep in lambda (Lu et al. 2022, Appendix; exponential
+    integrator with phi_2, phi_3); ``eta`` > 0 adds the SDE variant's noise."""
+    d1 = d2 = h1 = h2 = None
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        if sn == 0:
+            x = den
+            continue
+        h = math.log(s / sn)
+        he = h * (eta + 1)
+        x = math.exp(-he) * x - math.expm1(-he) * den
+        phi2 = math.expm1(-he) / he + 1
+        if h2 is not None:
+            r0, r1 = h1 / h, h2 / h
+            dd0 = (den - d1) / r0
+            dd1 = (d1 - d2) / r1
+            x = (
+                x
+                + phi2 * (dd0 + (dd0 - dd1) * r0 / (r0 + r1))
+                - (phi2 / he - 0.5) * (dd0 - dd1) / (r0 + r1)
+            )
+        elif h1 is not None:
+            x = x + phi2 * (den - d1) / (h1 / h)
+        if eta > 0:
+            x = x + randn_like(x, gen) * (sn * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+        d1, d2, h1, h2 = den, d1, h, h1
+    return x
+
+
+def dpmpp_3m_sde(
+    m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 1.0, s_noise: float = 1.0
+) -> Tensor:
+    """SDE-DPM-Solver++(3M)."""
+    return dpmpp_3m(m, x, sig, gen, eta=eta, s_noise=s_noise)
+
+
+def dpmpp_2s(
+    m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 0.0, s_noise: float = 1.0
+) -> Tensor:
+    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1, r = 1/2); ``eta`` > 0 makes it ancestral.
+    Two NFE per step except the last to sigma = 0: 2N - 1 NFE."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        down, up = _ancestral_step(s, sn, eta)
+        if down == 0:
+            x = den
+        else:
+            h = math.log(s / down)
+            s_mid = s * math.exp(-0.5 * h)
+            x2 = (s_mid / s) * x - math.expm1(-0.5 * h) * den
+            x = (down / s) * x - math.expm1(-h) * m(x2, s_mid)
+        if sn > 0 and up > 0:
+            x = x + randn_like(x, gen) * (s_noise * up)
+    return x
+
+
+def dpmpp_2s_ancestral(
+    m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 1.0, s_noise: float = 1.0
+) -> Tensor:
+    """Ancestral DPM-Solver++(2S)."""
+    return dpmpp_2s(m, x, sig, gen, eta=eta, s_noise=s_noise)
+
+
+# ----------------------------------------------------------------------------- UniPC
+def _unipc_system(
+    h: float, rks: list[float], order: int, variant: str
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """phi_1, B(h) and the order conditions R rho = b of UniPC (Zhao et al. 2023, Alg. 2-3,
+    data prediction)."""
+    hh = -h
+    phi1 = math.expm1(hh)
+    phik = phi1 / hh - 1
+    bh = hh if variant == "bh1" else math.expm1(hh)
+    fac, R, b = 1, [], []
+    for k in range(1, order + 1):
+        R.append([r ** (k - 1) for r in rks])
+        b.append(phik * fac / bh)
+        fac *= k + 1
+        phik = phik / hh - 1 / fac
+    return phi1, bh, np.array(R), np.array(b)
+
+
+def unipc(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    order: int = 3,
+    variant: str = "bh2",
+    corrector: bool = True,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023): UniP-p predictor + UniC corrector on data prediction, in
+    lambda = -log sigma, with lower-order warm-up and final steps. The corrector reuses the
+    model output at the predicted point, so one NFE per step."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
+    n = len(sig) - 1
+    lam = [-math.log(s) for s in sig[:-1]]
+    hist: list[Tensor] = []  # model outputs, newest last
+    x_last, p_last = x, 0
+    for i in range(n):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        if corrector and i > 0 and sn > 0:  # the last step returns den, uncorrected
+            h = lam[i] - lam[i - 1]
+            rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, p_last)] + [1.0]
+            phi1, bh, R, b = _unipc_system(h, rks, p_last, variant)
+            rho = [0.5] if p_last == 1 else np.linalg.solve(R, b).tolist()
+            m0 = hist[-1]
+            res = sum(
+                (rho[k - 1] * (hist[-1 - k] - m0) / rks[k - 1] for k in range(1, p_last)),
+                rho[-1] * (den - m0),
+            )
+            x = (s / sig[i - 1]) * x_last - phi1 * m0 - bh * res
+        hist = (hist + [den])[-order:]
+        p = min(order, i + 1, n - i)
+        x_last, p_last = x, p
+        if sn == 0:
+            x = den
+            continue
+        h = math.log(s / sn)
+        rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)] + [1.0]
+        phi1, bh, R, b = _unipc_system(h, rks, p, variant)
+        x = (sn / s) * x - phi1 * den
+        if p > 1:
+            rho = [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+            x = x - bh * sum(rho[k - 1] * (hist[-1 - k] - den) / rks[k - 1] for k in range(1, p))
+    return x
+
+
+# ----------------------------------------------------------------------------- multistep
+def _lms_coeff(order: int, t: list[float], i: int, j: int) -> float:
+    """Integral over [t_i, t_{i+1}] of the Lagrange basis polynomial of node t_{i-j}."""
+    poly = np.polynomial.Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            poly = poly * np.polynomial.Polynomial([-t[i - k], 1.0]) / (t[i - j] - t[i - k])
+    prim = poly.integ()
+    return float(prim(t[i + 1]) - prim(t[i]))
+
+
+def lms(m: _Model, x: Tensor, sig: list[float], gen: Generator, order: int = 4) -> Tensor:
+    """Linear multistep in sigma (k-diffusion's LMS): Adams-Bashforth with exact integrals of
+    the Lagrange polynomials through the last ``order`` derivatives on the uneven grid."""
+    ds: list[Tensor] = []
+    for i in range(len(sig) - 1):
+        s = sig[i]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        ds = (ds + [(x - den) / s])[-order:]
+        p = len(ds)
+        x = x + sum(_lms_coeff(p, sig, i, j) * d for j, d in enumerate(reversed(ds)))
+    return x
+
+
+def plms(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
+    """PLMS / PNDM (Liu et al. 2022, eq. 12 as in LDM): 4th-order Adams-Bashforth on
+    eps = (x - D) / sigma with the equal-step coefficients, a Heun first step; N + 1 NFE."""
+    ds: list[Tensor] = []
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        d = (x - den) / s
+        if not ds:
+            dp = d
+            if sn > 0:
+                x2 = x + (sn - s) * d
+                dp = 0.5 * (d + (x2 - m(x2, sn)) / sn)
+        elif len(ds) == 1:
+            dp = (3 * d - ds[-1]) / 2
+        elif len(ds) == 2:
+            dp = (23 * d - 16 * ds[-1] + 5 * ds[-2]) / 12
+        else:
+            dp = (55 * d - 59 * ds[-1] + 37 * ds[-2] - 9 * ds[-3]) / 24
+        ds = (ds + [d])[-3:]
+        x = x + (sn - s) * dp
+    return x
+
+
+# ----------------------------------------------------------------------------- SDE / PC / RK45
+def pc(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+) -> Tensor:
+    """Predictor-corrector (Song et al. 2021, Alg. 1-2): ``n_corrector`` Langevin steps with
+    step 2 (snr |z| / |score|)^2 (norms averaged over the batch as in score_sde, so
+    unlike the other samplers its output depends on the batch), then the reverse-diffusion
+    predictor x + (s^2 - sn^2) score + sqrt(s^2 - sn^2) z; the last step returns its mean."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        for _ in range(n_corrector):
+            den = m(x, s)
+            grad = (den - x) / s**2
+            z = randn_like(x, gen)
+            gnorm = float(grad.flatten(1).norm(dim=1).mean().clamp_min(1e-30))
+            znorm = float(z.flatten(1).norm(dim=1).mean())
+            step = 2 * (snr * znorm / gnorm) ** 2
+            x = x + step * grad + math.sqrt(2 * step) * z
+        den = m(x, s)
+        m.report(i, s, x, den)
+        x = x + (1 - (sn / s) ** 2) * (den - x)
+        if sn > 0:
+            x = x + randn_like(x, gen) * math.sqrt(s**2 - sn**2)
+    return x
+
+
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+def rk45(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    first_step: float = 0.1,
+) -> Tensor:
+    """Adaptive Dormand-Prince RK45 on the probability-flow ODE in u = log sigma,
+    dx/du = x - D(x, e^u) (Song et al. 2021's black-box ODE sampler), from ``sigmas[0]`` to the
+    last positive sigma, then one denoising step to 0. One step size for the whole batch."""
+    u, u_end = math.log(sig[0]), math.log(sig[-2])
+    h = -min(first_step, u - u_end) if u > u_end else 0.0
+    k1 = x - m(x, math.exp(u)) if u > u_end else None
+    step = 0
+    while u > u_end + 1e-12:
+        h = max(h, u_end - u)
+        ks = [k1]
+        for a in _DP_A[1:]:
+            xi = x + h * sum(c * k for c, k in zip(a, ks, strict=True) if c != 0.0)
+            ks.append(xi - m(xi, math.exp(u + h * _DP_C[len(ks)])))
+        x_new = xi
+        err = h * sum(e * k for e, k in zip(_DP_E, ks, strict=True) if e != 0.0)
+        scale = atol + rtol * torch.maximum(x.abs(), x_new.abs())
+        e = float((err / scale).pow(2).mean().sqrt())
+        if e <= 1.0:
+            u, x, k1 = u + h, x_new, ks[-1]
+            m.report(step, math.exp(u), x, x - k1)
+            step += 1
+        h = h * min(5.0, max(0.2, 0.9 * (max(e, 1e-10) ** -0.2)))
+    return m(x, sig[-2])
+
+
+# ----------------------------------------------------------------------------- registry
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler": euler,
+    "heun": heun,
+    "edm": edm,
+    "ddim": ddim,
+    "ddpm": ddpm,
+    "euler_ancestral": euler_ancestral,
+    "euler_maruyama": euler_maruyama,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "dpmpp_3m": dpmpp_3m,
+    "dpmpp_3m_sde": dpmpp_3m_sde,
+    "dpmpp_2s": dpmpp_2s,
+    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
+    "unipc": unipc,
+    "lms": lms,
+    "plms": plms,
+    "pc": pc,
+    "rk45": rk45,
+}
+_TWO_STAGE = ("heun", "edm", "dpmpp_2s", "dpmpp_2s_ancestral")
+STOCHASTIC = (
+    "ddpm",
+    "euler_ancestral",
+    "euler_maruyama",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "dpmpp_2s_ancestral",
+    "pc",
+)
+
+
+def _check_name(name: str) -> None:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+
+
+def nfe_for_steps(name: str, n: int, **options: Any) -> int | None:
+    """Exact NFE of sampler ``name`` on a grid of ``n`` positive sigmas (None: adaptive)."""
+    _check_name(name)
+    if name == "rk45":
+        return None
+    if name in _TWO_STAGE:
+        return 2 * n - 1
+    if name == "plms":
+        return n + 1 if n > 1 else 1
+    if name == "pc":
+        return (1 + int(options.get("n_corrector", 1))) * n
+    return n
+
+
+def steps_for_nfe(name: str, nfe: int, **options: Any) -> int:
+    """Largest number of positive sigmas whose cost is <= ``nfe`` (RK45 is adaptive: it gets
+    the two end points sigma_max, sigma_min)."""
+    _check_name(name)
+    if int(nfe) < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    nfe = int(nfe)
+    if name == "rk45":
+        return 2
+    if name in _TWO_STAGE:
+        return (nfe + 1) // 2
+    if name == "plms":
+        return nfe - 1 if nfe >= 3 else 1
+    if name == "pc":
+        per = 1 + int(options.get("n_corrector", 1))
+        if nfe < per:
+            raise ValueError(f"sampler 'pc' with n_corrector={per - 1} needs nfe >= {per}")
+        return nfe // per
+    return nfe
+
+
+def check_sigmas(sigmas: Tensor) -> None:
+    """Raise ValueError unless ``sigmas`` is 1-D, strictly decreasing, positive and ends at 0."""
+    ok = (
+        isinstance(sigmas, Tensor)
+        and sigmas.dim() == 1
+        and len(sigmas) >= 2
+        and bool(torch.isfinite(sigmas).all())
+        and float(sigmas[-1]) == 0.0
+        and bool((sigmas[:-1] > 0).all())
+        and bool((sigmas.diff() < 0).all())
+    )
+    if not ok:
+        raise ValueError(
+            "sigmas must be a strictly decreasing 1-D tensor of positive values that ends at 0, "
+            f"got {sigmas!r}"
+        )
+
+
+class Sampler:
+    """A configured sampler: ``sampler(denoise, x, sigmas, *, generator=None, callback=None)``."""
+
+    def __init__(self, name: str, **options: Any) -> None:
+        _check_name(name)
+        fn = SAMPLERS[name]
+        valid = [p for p in inspect.signature(fn).parameters if p not in ("m", "x", "sig", "gen")]
+        bad = sorted(set(options) - set(valid))
+        if bad:
+            raise ValueError(
+                f"sampler {name!r} got unknown options {bad}; valid: {', '.join(valid) or 'none'}"
+            )
+        self.name, self.options, self.fn, self.nfe = name, dict(options), fn, 0
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the sampler draws noise with its current options."""
+        if self.name == "edm":
+            return self.options.get("S_churn", 0.0) > 0
+        if self.name in ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s"):
+            return self.options.get("eta", 0.0) > 0
+        return self.name in STOCHASTIC and self.options.get("eta", 1.0) > 0
+
+    def __call__(
+        self,
+        denoise: Denoise,
+        x: Tensor,
+        sigmas: Tensor,
+        *,
+        generator: Generator = None,
+        callback: Callback | None = None,
+    ) -> Tensor:
+        check_sigmas(sigmas)
+        m = _Model(denoise, callback)
+        out = self.fn(m, x, sigmas.tolist(), generator, **self.options)
+        self.nfe = m.nfe
+        return out
+
+    def __repr__(self) -> str:
+        return f"Sampler({self.name!r}, {self.options})"
+
+
+def get_sampler(name: str, **options: Any) -> Sampler:
+    """The sampler called ``name`` (one of :data:`SAMPLERS`) with its ``options``."""
+    return Sampler(name, **options)
+
+
+def sigmas_for_nfe(
+    schedule: Any,
+    sampler_name: str,
+    nfe: int,
+    discretization: str = "karras",
+    *,
+    options: dict[str, Any] | None = None,
+    snap: bool = False,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    **kw: Any,
+) -> Tensor:
+    """The sigma grid (ending at 0) that spends at most ``nfe`` evaluations with this sampler,
+    e.g. Heun with nfe=35 gets 18 positive sigmas (2 * 18 - 1 = 35). ``snap`` moves the grid onto a
+    discrete schedule's sigmas; ``kw`` goes to the discretization (``rho``, ``sigma_min``, ...)."""
+    n = steps_for_nfe(sampler_name, nfe, **(options or {}))
+    sigmas = discretizations.get_sigmas(discretization, n, schedule, **kw)
+    if snap:
+        if not getattr(schedule, "discrete", False):
+            raise ValueError("snap=True needs a discrete schedule (e.g. ddpm, cosine)")
+        sigmas = discretizations.snap_to_grid(sigmas, schedule.grid)
+    return sigmas.to(device=device, dtype=dtype)
+
+
+def sample(
+    denoise: Denoise,
+    schedule: Any,
+    noise: Tensor,
+    *,
+    sampler: str = "heun",
+    nfe: int = 35,
+    discretization: str = "karras",
+    options: dict[str, Any] | None = None,
+    generator: Generator = None,
+    callback: Callback | None = None,
+    grid_options: dict[str, Any] | None = None,
+) -> Tensor:
+    """One call from standard-normal ``noise`` to samples: build the grid for the NFE budget,
+    scale the noise to ``sigmas[0]``, run the sampler. ``grid_options`` go to the discretization."""
+    smp = get_sampler(sampler, **(options or {}))
+    sigmas = sigmas_for_nfe(
+        schedule,
+        sampler,
+        nfe,
+        discretization,
+        options=options,
+        dtype=noise.dtype,
+        device=noise.device,
+        **(grid_options or {}),
+    )
+    return smp(denoise, noise * sigmas[0], sigmas, generator=generator, callback=callback)
