@@ -1,0 +1,1 @@
+"""The LightningModule, EMA and callbacks."""

@@ -1,0 +1,60 @@
+"""Shared helpers for tests that run the real Hydra apps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from diffusionlab.config import CONF_DIR, project_root
+
+ROOT = project_root()
+
+
+def fast_overrides(tmp_path: Path, callbacks: bool = True) -> list[str]:
+    """A few optimizer steps of a tiny model on the 8x8 digits, nothing sent to W&B.
+
+    ``callbacks=False`` drops checkpoints and sample grids (``callbacks=none``)."""
+    cb = [
+        "~callbacks.rich_progress_bar",
+        "callbacks.sample_grid.n=4",
+        "callbacks.sample_grid.every_n_steps=0",
+    ]
+    return [
+        "dataset=digits",
+        "model=unet_tiny",
+        "data.batch_size=16",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_model_summary=false",
+        "logger=csv",
+        "sampler.nfe=3",
+        f"paths.log_dir={tmp_path}",
+        *(cb if callbacks else ["callbacks=none"]),
+    ]
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/train.yaml`` as the app would, with the run dir set to ``output_dir``."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def run_app(script: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python <script> <args>`` from the project root, as a user would."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
