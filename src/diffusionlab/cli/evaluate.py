@@ -1,0 +1,205 @@
+"""``python evaluate.py ckpt=...`` or ``images=folder/``: FID / IS / KID / precision-recall against
+a dataset's cached reference features, an optional NFE sweep (table + plot) and bits/dim."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusionlab.config import CONF_DIR
+from diffusionlab.data.datasets import IMAGE_SUFFIXES
+from diffusionlab.diffusion.likelihood import image_bits_per_dim
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.checkpoint import (
+    load_module,
+    module_generator,
+    pick_device,
+    run_config,
+)
+from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
+from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.evaluation.protocol import seed_ranges
+from diffusionlab.evaluation.reference import split_indices
+
+log = logging.getLogger(__name__)
+
+
+def dataset_config(cfg: DictConfig) -> DictConfig:
+    """The dataset to compare against: ``dataset=...`` or the checkpoint's training run's."""
+    if cfg.get("dataset") is not None:
+        return cfg.dataset
+    run = run_config(cfg.ckpt) if cfg.ckpt else None
+    if run is None or "dataset" not in run:
+        raise ConfigError("no reference dataset: pass dataset=<name> (e.g. dataset=mnist16)")
+    merged = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths), "dataset": run.dataset})
+    return merged.dataset
+
+
+def load_images(folder: str, resolution: int) -> torch.Tensor:
+    """Every image in ``folder`` as uint8 RGB [N, 3, H, W] (sorted by name)."""
+    from PIL import Image
+
+    root = Path(folder).expanduser()
+    files = (
+        sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if root.is_dir()
+        else []
+    )
+    if not files:
+        raise ConfigError(
+            f"images={folder!r} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    if any(a.shape[:2] != (resolution, resolution) for a in arrays):
+        raise ConfigError(f"images={folder!r}: every image must be {resolution}x{resolution}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Run the evaluation described by ``cfg``; writes ``metrics.json`` to the run directory."""
+    if bool(cfg.ckpt) == bool(cfg.images):
+        raise ConfigError("pass exactly one of ckpt=... or images=...")
+    device = pick_device(cfg.device)
+    dcfg = dataset_config(cfg)
+    data = instantiate(dcfg)
+    e = cfg.eval
+    evaluator = Evaluator(
+        data,
+        dataset_key(dcfg._target_, dcfg.get("path")),
+        e.cache_dir,
+        extractor=e.extractor,
+        split=e.split,
+        inception_weights=e.inception_weights,
+        metrics=list(e.metrics),
+        extractor_steps=e.extractor_steps,
+        device=device,
+    )
+    outdir = Path(cfg.paths.output_dir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"dataset": evaluator.dataset, "split": e.split, "extractor": e.extractor}
+    if cfg.images:
+        images = load_images(cfg.images, int(data.images.shape[-1]))
+        result["images"] = str(cfg.images)
+        result["metrics"] = evaluator.score_images(images)
+    else:
+        module = load_module(cfg.ckpt, device)
+        sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+        ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
+        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+        result.update(ckpt=str(cfg.ckpt), sampler=sampler, num_samples=int(e.num_samples))
+        result["metrics"] = evaluator.score_generator(
+            gen, ranges, int(e.batch_size), cfg.class_label, progress=True
+        )
+        if cfg.sweep.samplers:
+            result["sweep"] = nfe_sweep(cfg, module, evaluator, ranges, outdir)
+        if cfg.bpd.num_images:
+            result["bpd"] = bits_per_dim(cfg, module, data, e.split)
+    (outdir / "metrics.json").write_text(json.dumps(result, indent=2))
+    log.info("metrics: %s -> %s", result["metrics"], outdir / "metrics.json")
+    return result
+
+
+def nfe_sweep(cfg: DictConfig, module, evaluator: Evaluator, ranges, outdir: Path) -> list[dict]:
+    """Metrics for every (sampler, NFE); writes nfe_sweep.csv, nfe_sweep.md and fid_vs_nfe.png."""
+    rows = []
+    for name in cfg.sweep.samplers:
+        for nfe in cfg.sweep.nfe:
+            sampler = {"name": name, "nfe": int(nfe), "discretization": cfg.sampler.discretization}
+            gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+            metrics = evaluator.score_generator(
+                gen, ranges, int(cfg.eval.batch_size), cfg.class_label
+            )
+            rows.append({"sampler": name, "nfe": int(nfe), **metrics})
+            log.info("sweep %s nfe=%d: %s", name, nfe, metrics)
+    with open(outdir / "nfe_sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    # the table: per-run metrics, plus FID's min / mean / max over seed ranges when repeated
+    spread = {f"{k}_{s}" for k in rows[0] for s in ("min", "mean", "max") if f"{k}_min" in rows[0]}
+    keys = [k for k in rows[0] if k not in spread or k.startswith("fid_")]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    (outdir / "nfe_sweep.md").write_text("\n".join(lines) + "\n")
+    _plot_sweep(rows, outdir / "fid_vs_nfe.png")
+    return rows
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        pts = [(r["nfe"], r["fid"]) for r in rows if r["sampler"] == name]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FID")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def bits_per_dim(cfg: DictConfig, module, data, split: str) -> dict[str, float]:
+    """Mean bits/dim of the first ``bpd.num_images`` images of ``split`` under the EMA model."""
+    denoiser = module.ema if cfg.use_ema else module.denoiser
+    idx = split_indices(len(data), split)[: int(cfg.bpd.num_images)]
+    images = to_uint8_rgb(data.images[idx])[:, : data.images.shape[1]]
+    labels = module.one_hot(data.labels[idx].to(module.device)) if module.label_dim else None
+    gen = torch.Generator().manual_seed(0)
+    bpds, nfes = [], []
+    bs = int(cfg.bpd.batch_size)
+    for s in range(0, images.shape[0], bs):
+        lab = labels[s : s + bs] if labels is not None else None
+
+        def denoise(x, sigma, lab=lab):
+            return denoiser(x, sigma, class_labels=lab)
+
+        bpd, nfe = image_bits_per_dim(
+            denoise,
+            images[s : s + bs].to(module.device),
+            gen,
+            divergence=cfg.bpd.divergence,
+            rtol=float(cfg.bpd.tolerance),
+            atol=float(cfg.bpd.tolerance),
+            sigma_min=module.schedule.sigma_min,
+            sigma_max=module.schedule.sigma_max,
+        )
+        bpds.append(bpd.cpu())
+        nfes.append(nfe)
+    bpd = torch.cat(bpds)
+    return {
+        "bpd": bpd.mean().item(),
+        "bpd_stderr": (bpd.std() / len(bpd) ** 0.5).item(),
+        "nfe_mean": float(np.mean(nfes)),
+    }
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return evaluate(cfg)["metrics"].get("fid")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""``python sample.py ckpt=...``: PNG per seed, a grid and optionally one npz (EDM generate.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from diffusionlab.config import CONF_DIR
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.checkpoint import load_module, module_generator, pick_device
+from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.evaluation.protocol import parse_seeds
+from diffusionlab.training.images import save_samples_png
+
+log = logging.getLogger(__name__)
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Generate one image per seed into ``cfg.outdir``; returns the output directory."""
+    device = pick_device(cfg.device)
+    module = load_module(cfg.ckpt, device)
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    generator = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+    seeds = parse_seeds(
+        OmegaConf.to_object(cfg.seeds) if cfg.seeds is not None else None, int(cfg.n)
+    )
+    if cfg.class_label is not None and not 0 <= int(cfg.class_label) < module.label_dim:
+        raise ConfigError(
+            f"class_label={cfg.class_label} but the model has label_dim={module.label_dim}"
+        )
+    outdir = Path(cfg.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    bs = int(cfg.batch_size)
+    for start in tqdm(range(0, len(seeds), bs), desc="sampling", unit="batch"):
+        batch = seeds[start : start + bs]
+        noise, lab, gen = generator.seeded_inputs(batch, cfg.class_label)
+        x = generator.sample_images(noise, lab, gen).cpu()
+        images.append(x)
+        if lab is not None:
+            labels.append(lab.cpu())
+        if cfg.png and x.ndim == 4:
+            _write_pngs(x, batch, outdir)
+    x = torch.cat(images)
+    if cfg.grid:
+        save_samples_png(x[:256], outdir / "grid.png")
+    if cfg.npz:
+        arrays = {"seeds": np.array(seeds)}
+        arrays["samples"] = (
+            to_uint8_rgb(x)[:, : x.shape[1]].permute(0, 2, 3, 1).numpy()
+            if x.ndim == 4
+            else x.numpy()
+        )
+        if labels:
+            arrays["labels"] = torch.cat(labels).numpy()
+        np.savez(outdir / "samples.npz", **arrays)
+    log.info(
+        "%d samples (%s, nfe=%s) in %s", len(seeds), sampler.get("name"), sampler.get("nfe"), outdir
+    )
+    return outdir
+
+
+def _write_pngs(x: torch.Tensor, seeds: list[int], outdir: Path) -> None:
+    from PIL import Image
+
+    arr = to_uint8_rgb(x)[:, : x.shape[1]].permute(0, 2, 3, 1).numpy()
+    for seed, img in zip(seeds, arr, strict=True):
+        Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(outdir / f"{seed:06d}.png")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        sample(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""FID (and friends) of the EMA weights every N training steps, logged as ``val/<metric>``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+
+from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
+from diffusionlab.evaluation.generator import DiffusionGenerator
+from diffusionlab.evaluation.metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+
+class FIDCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training when ``at_end``),
+    sample ``num_samples`` images from seeds ``seed ..`` with the EMA denoiser and ``sampler``
+    (``name``, ``nfe``, ``discretization``, ``options``), score them against the training data
+    and log ``val/fid`` etc. to every logger. Work is shared over DDP processes.
+
+    ``dataset`` is the dataset config's ``_target_`` (it names the cache entries); the domain
+    extractor is trained on first use (``extractor_steps`` steps) and cached in ``cache_dir``.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        cache_dir: str,
+        every_n_steps: int = 5000,
+        num_samples: int = 1000,
+        sampler: dict | None = None,
+        extractor: str = "domain",
+        inception_weights: str | None = None,
+        metrics: Sequence[str] = ("fid", "kid", "prc"),
+        seed: int = 0,
+        batch_size: int = 64,
+        at_end: bool = True,
+        extractor_steps: int = 300,
+    ) -> None:
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"callbacks.fid.metrics has unknown {sorted(unknown)}")
+        self.dataset = dataset
+        self.cache_dir = Path(cache_dir)
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.sampler = dict(sampler or {"name": "heun", "nfe": 35})
+        self.extractor = extractor
+        self.inception_weights = inception_weights
+        self.metrics = list(metrics)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.at_end = at_end
+        self.extractor_steps = extractor_steps
+        self._evaluator: Evaluator | None = None
+        self.last: dict[str, float] = {}
+
+    def _evaluator_for(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(
+                trainer.datamodule.dataset,
+                dataset_key(self.dataset),
+                self.cache_dir,
+                extractor=self.extractor,
+                inception_weights=self.inception_weights,
+                metrics=self.metrics,
+                extractor_steps=self.extractor_steps,
+                device=pl_module.device,
+            )
+        return self._evaluator
+
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[dict[str, float], float]:
+        """Score the EMA weights now: (metrics, the same on every process; seconds spent)."""
+        evaluator = self._evaluator_for(trainer, pl_module)
+        ema = pl_module.ema
+
+        def denoise(x, sigma, class_labels):
+            return ema(x, sigma, class_labels=class_labels)
+
+        generator = DiffusionGenerator(
+            denoise,
+            pl_module.schedule,
+            pl_module.data_shape,
+            num_classes=pl_module.label_dim,
+            sampler=self.sampler.get("name", "heun"),
+            nfe=int(self.sampler.get("nfe", 35)),
+            discretization=self.sampler.get("discretization", "karras"),
+            options=dict(self.sampler.get("options") or {}),
+            device=pl_module.device,
+        )
+        t0 = time.time()
+        seeds = range(self.seed, self.seed + self.num_samples)
+        return evaluator.score_generator(generator, [seeds], self.batch_size), time.time() - t0
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics, seconds = self.evaluate(trainer, pl_module)
+        self.last = metrics
+        for key, value in metrics.items():
+            pl_module.log(f"val/{key}", value, on_step=True, on_epoch=False, sync_dist=False)
+        if trainer.is_global_zero:
+            log.info("step %d: %s (%.1fs)", trainer.global_step, metrics, seconds)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end and trainer.global_step % max(self.every_n_steps, 1) != 0:
+            metrics, _ = self.evaluate(trainer, pl_module)
+            self.last = metrics
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(
+                        {f"val/{k}": v for k, v in metrics.items()}, trainer.global_step
+                    )

@@ -1,0 +1,65 @@
+"""From a training checkpoint to a generator: the EMA denoiser, its schedule and the data config
+of the run that wrote it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.generator import DiffusionGenerator
+from diffusionlab.training.module import DiffusionModule
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
+    """The ``DiffusionModule`` stored in ``ckpt`` (eval mode, on ``device``)."""
+    if not ckpt:
+        raise ConfigError("ckpt=... is required (a Lightning checkpoint written by train.py)")
+    if not Path(ckpt).is_file():
+        raise ConfigError(f"ckpt={ckpt!r} does not exist")
+    module = DiffusionModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
+    return module.eval().to(device)
+
+
+def run_config(ckpt: str) -> DictConfig | None:
+    """The resolved Hydra config of the training run (``<run>/.hydra/config.yaml``), if present."""
+    for parent in Path(ckpt).resolve().parents[:3]:
+        path = parent / ".hydra" / "config.yaml"
+        if path.is_file():
+            return OmegaConf.load(path)
+    return None
+
+
+def module_generator(
+    module: DiffusionModule, sampler: dict, guidance: float = 1.0, use_ema: bool = True
+) -> DiffusionGenerator:
+    """A :class:`DiffusionGenerator` over the module's (EMA) denoiser with ``sampler`` (``name``,
+    ``nfe``, ``discretization``, ``options``) and classifier-free guidance ``guidance``."""
+    denoiser = module.ema if use_ema else module.denoiser
+
+    def denoise(x, sigma, class_labels):
+        return denoiser(x, sigma, class_labels=class_labels)
+
+    if guidance != 1.0 and module.label_dim == 0:
+        raise ConfigError(f"guidance={guidance} needs a class-conditional model (label_dim > 0)")
+    return DiffusionGenerator(
+        denoise,
+        module.schedule,
+        module.data_shape,
+        num_classes=module.label_dim,
+        sampler=sampler.get("name", "heun"),
+        nfe=int(sampler.get("nfe", 35)),
+        discretization=sampler.get("discretization", "karras"),
+        options=dict(sampler.get("options") or {}),
+        guidance=guidance,
+        device=module.device,
+    )

@@ -1,0 +1,120 @@
+"""One object that knows the dataset, the feature extractor and the cached reference features,
+and scores generators or image sets against them; shared by the FID callback and the apps."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffusionlab.data import TensorImageDataset
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.distributed import barrier, rank_and_world
+from diffusionlab.evaluation.extractors import (
+    INCEPTION,
+    create_extractor,
+    default_layers,
+    domain_name,
+    domain_weights_path,
+)
+from diffusionlab.evaluation.features import Features, image_features
+from diffusionlab.evaluation.generator import DiffusionGenerator
+from diffusionlab.evaluation.metrics import METRICS, compute_metrics
+from diffusionlab.evaluation.protocol import evaluate_generator
+from diffusionlab.evaluation.reference import reference_features
+from diffusionlab.evaluation.train_extractor import train_and_save
+
+log = logging.getLogger(__name__)
+EXTRACTORS = ("domain", "inception")
+
+
+def dataset_key(target: str, path: str | None = None) -> str:
+    """Short cache name of a dataset from its config ``_target_`` (``diffusionlab.data.mnist`` ->
+    ``mnist``); image folders add a hash of their path."""
+    name = target.rsplit(".", 1)[-1]
+    if path:
+        name += "-" + hashlib.sha1(str(Path(path).expanduser().resolve()).encode()).hexdigest()[:8]
+    return name
+
+
+class Evaluator:
+    """Metrics against ``split`` of ``data`` (named ``dataset``) with the ``extractor`` (``domain``:
+    the classifier trained on this dataset, trained on first use; ``inception``: InceptionV3 from
+    ``inception_weights``). Reference features are cached under ``cache_dir``."""
+
+    def __init__(
+        self,
+        data: TensorImageDataset,
+        dataset: str,
+        cache_dir: str | Path,
+        extractor: str = "domain",
+        split: str = "all",
+        inception_weights: str | None = None,
+        metrics: Sequence[str] = METRICS,
+        extractor_steps: int = 300,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if extractor not in EXTRACTORS:
+            raise ConfigError(f"eval.extractor={extractor!r}: choose one of {EXTRACTORS}")
+        unknown = set(metrics) - set(METRICS)
+        if unknown:
+            raise ConfigError(f"eval.metrics has unknown {sorted(unknown)}; choose from {METRICS}")
+        self.data, self.dataset, self.split = data, dataset, split
+        self.cache_dir = Path(cache_dir)
+        self.metrics = list(metrics)
+        self.device = torch.device(device)
+        if extractor == "inception":
+            self.extractor = create_extractor(INCEPTION, inception_weights, self.device)
+        else:
+            self.extractor = self._domain_extractor(extractor_steps)
+        self.layers = default_layers(self.extractor.get_name())
+        self._reference: Features | None = None
+
+    def _domain_extractor(self, steps: int):
+        resolution = int(self.data.images.shape[-1])
+        path = domain_weights_path(self.cache_dir, self.dataset, resolution)
+        if not path.is_file():
+            if rank_and_world()[0] == 0:
+                log.info("training the domain feature extractor -> %s", path)
+                train_and_save(self.data, self.dataset, self.cache_dir, steps)
+            barrier()
+        return create_extractor(domain_name(self.dataset, resolution), path, self.device)
+
+    @property
+    def reference(self) -> Features:
+        """Reference features (cached on disk and in memory)."""
+        if self._reference is None:
+            self._reference = reference_features(
+                self.data, self.dataset, self.split, self.extractor, self.cache_dir
+            )
+        return self._reference
+
+    def score_generator(
+        self,
+        generator: DiffusionGenerator,
+        ranges: Sequence[Sequence[int]],
+        batch_size: int = 64,
+        class_label: int | None = None,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """Metrics of ``generator`` over each seed range (min / mean / max when several)."""
+        return evaluate_generator(
+            generator,
+            self.extractor,
+            self.reference,
+            self.layers,
+            ranges,
+            self.metrics,
+            batch_size,
+            class_label,
+            progress,
+        )
+
+    def score_images(self, images: Tensor, batch_size: int = 250) -> dict[str, float]:
+        """Metrics of uint8 RGB ``images`` [N, 3, H, W] (e.g. a folder of PNGs)."""
+        feats = image_features(lambda idx: images[idx], images.shape[0], self.extractor, batch_size)
+        return compute_metrics(feats, self.reference, self.layers, self.metrics)

@@ -1,0 +1,131 @@
+"""A diffusion sampler as a torch-fidelity generative model that emits uint8 RGB images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_fidelity.generative_model_base import GenerativeModelBase
+
+from diffusionlab.diffusion.guidance import label_cfg_denoiser
+from diffusionlab.diffusion.noise import StackedRandomGenerator
+from diffusionlab.diffusion.samplers import sample
+from diffusionlab.evaluation.images import to_uint8_rgb
+
+Denoise = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+class DiffusionGenerator(GenerativeModelBase):
+    """(denoiser, schedule, sampler, NFE) as a ``GenerativeModelBase``.
+
+    ``denoise(x, sigma, class_labels)`` is the (EMA, optionally guided) denoiser; ``class_labels``
+    is a float one-hot ``[B, num_classes]`` or None; ``guidance`` w != 1 applies classifier-free
+    guidance (the all-zeros label is the unconditional model). ``forward(z, labels)`` takes torch-fidelity's
+    standard normal ``z`` (``[B, z_size]``) and integer labels and returns uint8 RGB images.
+    :meth:`generate` is the seeded path: noise and labels drawn per sample index (EDM generate.py).
+    """
+
+    def __init__(
+        self,
+        denoise: Denoise,
+        schedule: Any,
+        shape: Sequence[int],
+        num_classes: int = 0,
+        sampler: str = "heun",
+        nfe: int = 35,
+        discretization: str = "karras",
+        options: dict | None = None,
+        guidance: float = 1.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.denoise = denoise
+        self.schedule = schedule
+        self.shape = tuple(int(s) for s in shape)
+        self._num_classes = int(num_classes)
+        self.sampler = sampler
+        self.nfe = int(nfe)
+        self.discretization = discretization
+        self.options = dict(options or {})
+        self.guidance = float(guidance)
+        self.device = torch.device(device)
+
+    @property
+    def z_size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def z_type(self) -> str:
+        return "normal"
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    def one_hot(self, labels: Tensor | None) -> Tensor | None:
+        """Integer labels -> float one-hot (None for unconditional models)."""
+        if self._num_classes == 0 or labels is None:
+            return None
+        return F.one_hot(labels.long().to(self.device), self._num_classes).float()
+
+    @torch.no_grad()
+    def sample_images(
+        self,
+        noise: Tensor,
+        labels: Tensor | None = None,
+        generator: StackedRandomGenerator | torch.Generator | None = None,
+    ) -> Tensor:
+        """Run the sampler from standard normal ``noise`` [B, *shape]; images in [-1, 1]."""
+        one_hot = self.one_hot(labels)
+        if one_hot is not None and self.guidance != 1.0:
+            denoise = label_cfg_denoiser(self.denoise, one_hot, self.guidance)
+        else:
+
+            def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+                return self.denoise(x, sigma, one_hot)
+
+        return sample(
+            denoise,
+            self.schedule,
+            noise.to(self.device),
+            sampler=self.sampler,
+            nfe=self.nfe,
+            discretization=self.discretization,
+            options=self.options,
+            generator=generator,
+        )
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        return to_uint8_rgb(self.sample_images(z.view(-1, *self.shape), labels))
+
+    def seeded_inputs(
+        self, seeds: Sequence[int], class_label: int | None = None
+    ) -> tuple[Tensor, Tensor | None, StackedRandomGenerator]:
+        """Noise, labels and the per-sample generator for ``seeds``: row i depends on seeds[i] only.
+
+        Labels are drawn from each sample's generator after its noise (EDM generate.py) unless
+        ``class_label`` fixes them.
+        """
+        gen = StackedRandomGenerator(seeds, device=self.device)
+        noise = gen.randn((len(seeds), *self.shape))
+        labels = None
+        if self._num_classes:
+            if class_label is None:
+                labels = torch.cat(
+                    [
+                        torch.randint(self._num_classes, (1,), generator=g, device=self.device)
+                        for g in gen.generators
+                    ]
+                )
+            else:
+                labels = torch.full((len(seeds),), int(class_label), device=self.device)
+        return noise, labels, gen
+
+    def generate(self, seeds: Sequence[int], class_label: int | None = None) -> Tensor:
+        """Images in [-1, 1] for ``seeds``, independent of how seeds are batched."""
+        noise, labels, gen = self.seeded_inputs(seeds, class_label)
+        return self.sample_images(noise, labels, gen)

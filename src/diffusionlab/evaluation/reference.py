@@ -1,0 +1,73 @@
+"""Reference features of a dataset, computed once per (dataset, split, resolution, extractor) and
+cached as ``<cache_dir>/fid-refs/<dataset>-<split>-<resolution>-<extractor>.pt``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+from diffusionlab.data import TensorImageDataset, digits, mnist
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.distributed import barrier, rank_and_world
+from diffusionlab.evaluation.features import Features, dataset_images, image_features
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("all", "train", "test")
+EMBEDDED = {"mnist": mnist, "digits": digits}
+TEST_FRACTION = 0.2
+
+
+def split_indices(n: int, split: str) -> torch.Tensor:
+    """Indices of ``split``: ``all``; or ``train`` / ``test``, a fixed seeded 80 / 20 partition
+    (the embedded datasets ship without one)."""
+    if split == "all":
+        return torch.arange(n)
+    if split not in SPLITS:
+        raise ConfigError(f"eval.split={split!r}: choose one of {SPLITS}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_test = round(n * TEST_FRACTION)
+    return perm[:n_test].sort().values if split == "test" else perm[n_test:].sort().values
+
+
+def load_dataset(name: str, resolution: int) -> TensorImageDataset:
+    """An embedded dataset (``mnist`` or ``digits``) at ``resolution``."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"dataset {name!r} is not embedded; choose one of {sorted(EMBEDDED)}")
+    return EMBEDDED[name](resolution=resolution)
+
+
+def reference_path(
+    cache_dir: str | Path, dataset: str, split: str, resolution: int, extractor: str
+) -> Path:
+    """Cache file of the reference features for this (dataset, split, resolution, extractor)."""
+    return Path(cache_dir) / "fid-refs" / f"{dataset}-{split}-{resolution}-{extractor}.pt"
+
+
+def reference_features(
+    data: TensorImageDataset,
+    dataset: str,
+    split: str,
+    extractor: FeatureExtractorBase,
+    cache_dir: str | Path,
+    batch_size: int = 250,
+) -> Features:
+    """Features of ``split`` of ``data`` (named ``dataset``), from the cache or computed once
+    (sharded over processes; rank 0 writes the file)."""
+    resolution = int(data.images.shape[-1])
+    path = reference_path(cache_dir, dataset, split, resolution, extractor.get_name())
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    images = data.images[split_indices(len(data), split)]
+    feats = image_features(dataset_images(images), images.shape[0], extractor, batch_size)
+    if rank_and_world()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(feats, tmp)
+        tmp.replace(path)
+        log.info("cached reference features %s (%d images)", path, images.shape[0])
+    barrier()
+    return feats
