@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusionlab.networks.layers import drop_labels
+from diffusionlab.networks.layers import condition_labels
 
 #: depth, hidden size, heads of DiT Table 1.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -174,9 +174,7 @@ class DiT(nn.Module):
         t = timestep_embedding(c_noise, self.frequency_embedding_size)
         c = self.t_mlp1(F.silu(self.t_mlp0(t)))
         if self.label_table is not None:
-            if class_labels is None:
-                class_labels = torch.zeros(b, self.label_dim, device=x.device)
-            y = drop_labels(class_labels.float(), self.label_dropout, self.training)
+            y = condition_labels(class_labels, x, self.label_dim, self.label_dropout, self.training)
             null = 1 - y.sum(dim=1, keepdim=True)  # weight of the null row: 1 when no label
             c = c + torch.cat([y, null], dim=1) @ self.label_table
         if self.map_augment is not None and augment_labels is not None:

@@ -183,8 +183,17 @@ def attention_2d(qkv: Tensor, num_heads: int) -> Tensor:
     return out.transpose(-1, -2).reshape(b, c, h, w)
 
 
-def drop_labels(labels: Tensor, p: float, training: bool) -> Tensor:
-    """Zero each sample's class label with probability ``p`` while training (CFG, Ho & Salimans)."""
+def condition_labels(
+    class_labels: Tensor | None, x: Tensor, label_dim: int, p: float, training: bool
+) -> Tensor:
+    """Float one-hot labels for the batch ``x``; each dropped with probability ``p`` while training.
+
+    ``None`` (unconditional) gives zeros, so the label layer stays in the graph (DDP). Dropping a
+    label zeroes it, as classifier-free guidance trains (Ho & Salimans 2022).
+    """
+    if class_labels is None:
+        return torch.zeros(x.shape[0], label_dim, device=x.device)
+    labels = class_labels.float()
     if not training or p == 0:
         return labels
     keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p

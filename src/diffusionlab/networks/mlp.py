@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusionlab.networks.layers import Linear, PositionalEmbedding, drop_labels
+from diffusionlab.networks.layers import Linear, PositionalEmbedding, condition_labels
 
 
 class MLPBlock(nn.Module):
@@ -74,9 +74,9 @@ class MLP(nn.Module):
     ) -> Tensor:
         emb = self.map_noise(c_noise)
         if self.map_label is not None:
-            if class_labels is None:
-                class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-            labels = drop_labels(class_labels.float(), self.label_dropout, self.training)
+            labels = condition_labels(
+                class_labels, x, self.label_dim, self.label_dropout, self.training
+            )
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.float())

@@ -20,7 +20,7 @@ from diffusionlab.networks.layers import (
     PositionalEmbedding,
     UNetBlock,
     check_resolution,
-    drop_labels,
+    condition_labels,
 )
 
 
@@ -127,10 +127,8 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels.float())
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            if class_labels is None:  # zeros, so the layer stays in the graph (DDP)
-                class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
             emb = emb + self.map_label(
-                drop_labels(class_labels.float(), self.label_dropout, self.training)
+                condition_labels(class_labels, x, self.label_dim, self.label_dropout, self.training)
             )
         emb = F.silu(emb)
 

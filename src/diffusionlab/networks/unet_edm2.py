@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusionlab.networks.layers import check_resolution, drop_labels, resample_kernel
+from diffusionlab.networks.layers import check_resolution, condition_labels, resample_kernel
 
 
 def normalize(x: Tensor, dim: Sequence[int] | int | None = None, eps: float = 1e-4) -> Tensor:
@@ -263,9 +263,9 @@ class EDM2UNet(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         emb = self.emb_noise(self.emb_fourier(c_noise))
         if self.emb_label is not None:
-            if class_labels is None:
-                class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-            labels = drop_labels(class_labels.float(), self.label_dropout, self.training)
+            labels = condition_labels(
+                class_labels, x, self.label_dim, self.label_dropout, self.training
+            )
             emb = mp_sum(
                 emb, self.emb_label(labels * math.sqrt(self.label_dim)), t=self.label_balance
             )

@@ -21,7 +21,7 @@ from diffusionlab.networks.layers import (
     PositionalEmbedding,
     UNetBlock,
     check_resolution,
-    drop_labels,
+    condition_labels,
 )
 
 
@@ -163,9 +163,9 @@ class SongUNet(nn.Module):
         emb = self.map_noise(c_noise)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # sin first, as Song
         if self.map_label is not None:
-            if class_labels is None:
-                class_labels = torch.zeros(x.shape[0], self.label_dim, device=x.device)
-            labels = drop_labels(class_labels.float(), self.label_dropout, self.training)
+            labels = condition_labels(
+                class_labels, x, self.label_dim, self.label_dropout, self.training
+            )
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.float())
