@@ -6,16 +6,6 @@ from torch.distributions import MultivariateNormal
 
 from diffusionlab.diffusion.analytic import Gaussian, GaussianMixture
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads only contend on the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 COV = torch.tensor([[1.0, 0.4, 0.0], [0.4, 0.6, 0.1], [0.0, 0.1, 0.2]], dtype=torch.float64)
 MU = torch.tensor([0.3, -0.2, 1.0], dtype=torch.float64)
 

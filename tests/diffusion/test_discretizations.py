@@ -10,15 +10,6 @@ from diffusionlab.diffusion.samplers import sigmas_for_nfe
 from diffusionlab.diffusion.schedules import get_schedule
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads only contend on the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_karras_matches_edm_eq5():
     sig = dz.karras(5, 0.002, 80.0, rho=7.0)
     i = torch.arange(5, dtype=torch.float64)

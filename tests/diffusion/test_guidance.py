@@ -1,22 +1,11 @@
 """Classifier-free guidance / autoguidance wrappers."""
 
-import pytest
 import torch
 
 from diffusionlab.diffusion import samplers as S
 from diffusionlab.diffusion.analytic import Gaussian
 from diffusionlab.diffusion.discretizations import karras
 from diffusionlab.diffusion.guidance import cfg_denoiser, conditional_pair, label_cfg_denoiser
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads only contend on the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 COND = Gaussian(torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([0.2, 0.3]))
 UNCOND = Gaussian(torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 1.0]))

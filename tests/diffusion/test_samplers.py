@@ -22,15 +22,6 @@ STOCH = [n for n in S.SAMPLERS if S.get_sampler(n).stochastic]
 SMIN, SMAX = 0.01, 20.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads only contend on the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gauss() -> Gaussian:
     cov = torch.tensor([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 0.05]], dtype=torch.float64)

@@ -25,16 +25,21 @@ def _check_n(n: int) -> None:
         raise ValueError(f"the number of sigmas must be >= 1, got {n}")
 
 
-def karras(
-    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """EDM eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+def _ramp(n: int) -> Tensor:
+    """``n`` points from 0 to 1 in float64 (a single 0 when ``n`` is 1), after checking ``n``."""
     _check_n(n)
-    ramp = (
+    return (
         torch.linspace(0, 1, n, dtype=torch.float64)
         if n > 1
         else torch.zeros(1, dtype=torch.float64)
     )
+
+
+def karras(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """EDM eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = _ramp(n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _append_zero((hi + ramp * (lo - hi)) ** rho).to(dtype)
 
@@ -43,12 +48,7 @@ def logsnr(
     n: int, sigma_min: float, sigma_max: float, dtype: torch.dtype = torch.float64
 ) -> Tensor:
     """Uniform in log-SNR = -2 log sigma (DPM-Solver's 'logSNR' steps)."""
-    _check_n(n)
-    ramp = (
-        torch.linspace(0, 1, n, dtype=torch.float64)
-        if n > 1
-        else torch.zeros(1, dtype=torch.float64)
-    )
+    ramp = _ramp(n)
     log = math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max))
     return _append_zero(log.exp()).to(dtype)
 
