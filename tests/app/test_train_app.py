@@ -117,6 +117,16 @@ def test_class_conditional_training(tmp_path):
     ).shape == (4, 1, 8, 8)
 
 
+@pytest.mark.parametrize(
+    "model", ["unet_tiny", "unet_ncsnpp_tiny", "unet_adm_tiny", "dit_tiny", "unet_edm2_tiny"]
+)
+def test_every_tiny_network_trains_class_conditional(tmp_path, model):
+    overrides = [*fast_overrides(tmp_path, callbacks=False), f"model={model}", "label_dim=10"]
+    train(compose_train(overrides, tmp_path))
+    metrics = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(metrics) > 1 and "train/loss" in metrics[0]
+
+
 def test_toy2d_with_mlp(tmp_path):
     overrides = [*fast_overrides(tmp_path), "dataset=toy2d", "model=mlp", "data.batch_size=128"]
     train(compose_train(overrides, tmp_path))

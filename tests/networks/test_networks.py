@@ -71,9 +71,9 @@ REFERENCE = [
     ("dit", 32, 4, 1000, {"size": "L", "out_channels": 8}, 458_102_816 - 256 * 1024),
     ("dit", 32, 4, 1000, {"size": "XL", "out_channels": 8}, 675_129_632 - 256 * 1152),
     # EDM2 ImageNet-512 latents 64x64x4 (XS 125 M, S 280 M in EDM2 Table 2) and ImageNet-64 S.
-    ("unet_edm2_xs", 64, 4, 1000, {}, 124_713_253),
-    ("unet_edm2", 64, 4, 1000, {}, 280_212_837),
-    ("unet_edm2", 64, 3, 1000, {}, 280_209_381),
+    ("unet_edm2_xs", 64, 4, 1000, {"logvar_channels": 128}, 124_713_253),
+    ("unet_edm2", 64, 4, 1000, {"logvar_channels": 128}, 280_212_837),
+    ("unet_edm2", 64, 3, 1000, {"logvar_channels": 128}, 280_209_381),
 ]
 
 
@@ -165,9 +165,10 @@ def test_label_dropout_one_equals_unconditional(preset):
 
 @pytest.mark.parametrize("preset", [*TINY, "mlp_tiny"])
 def test_gradients_reach_every_parameter(preset):
-    net = build(
-        preset, augment_dim=3, **({"in_dim": 2, "label_dim": 10} if "mlp" in preset else {})
-    )
+    extra = {"in_dim": 2, "label_dim": 10} if "mlp" in preset else {}
+    if "edm2" in preset:
+        extra["logvar_channels"] = 128  # the in-network log-variance head must train too
+    net = build(preset, augment_dim=3, **extra)
     perturb(net)
     shape = (2, 2) if "mlp" in preset else (2, 1, 16, 16)
     x, c_noise, labels, aug = inputs(net, shape, augment_dim=3)
@@ -231,7 +232,7 @@ def test_bf16_autocast_and_channels_last(preset):
 
 
 def test_edm2_logvar_head():
-    net = build("unet_edm2_tiny").eval()
+    net = build("unet_edm2_tiny", logvar_channels=128).eval()
     x, c_noise, labels, _ = inputs(net, (3, 1, 16, 16))
     out, logvar = net(x, c_noise, labels, return_logvar=True)
     assert out.shape == x.shape and logvar.shape == (3, 1, 1, 1)
