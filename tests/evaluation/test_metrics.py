@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import linalg
 
+from diffusionlab.evaluation.checkpoint import load_module, module_generator
 from diffusionlab.evaluation.features import dataset_images, generated_features, image_features
 from diffusionlab.evaluation.metrics import compute_metrics, frechet_distance, statistics
 from diffusionlab.evaluation.reference import reference_path, split_indices
@@ -59,7 +60,8 @@ def test_domain_extractor_is_accurate(domain):
     assert domain[2] > 0.9
 
 
-def test_heldout_real_beats_model_beats_noise(mnist, extractor, reference, layers, generator):
+def _heldout_and_noise(mnist, extractor, reference, layers) -> tuple[dict, dict]:
+    """Metrics of the 1,000 held-out test images and of as many clamped-noise images."""
     test = mnist.images[split_indices(len(mnist), "test")]
     heldout = compute_metrics(
         image_features(dataset_images(test), len(test), extractor), reference, layers
@@ -68,6 +70,11 @@ def test_heldout_real_beats_model_beats_noise(mnist, extractor, reference, layer
     noise = compute_metrics(
         image_features(dataset_images(noise_images), len(test), extractor), reference, layers
     )
+    return heldout, noise
+
+
+def test_heldout_real_beats_model_beats_noise(mnist, extractor, reference, layers, generator):
+    heldout, noise = _heldout_and_noise(mnist, extractor, reference, layers)
     model = compute_metrics(
         generated_features(generator, extractor, range(300), 100), reference, layers
     )
@@ -93,3 +100,32 @@ def test_splits_partition_the_dataset():
     train, test = split_indices(5000, "train"), split_indices(5000, "test")
     assert len(test) == 1000 and len(train) == 4000
     assert torch.equal(torch.cat([train, test]).sort().values, torch.arange(5000))
+
+
+@pytest.mark.slow
+def test_trained_default_model_lies_between_heldout_and_noise(
+    tmp_path, mnist, extractor, reference, layers
+):
+    """The default recipe (MNIST-16, unet_tiny, EDM) trained by ``train.py`` for 1,000 steps."""
+    from app.helpers import run_app
+
+    train = run_app(
+        "train.py",
+        [
+            "trainer.max_steps=1000",
+            "logger=csv",
+            "~callbacks.rich_progress_bar",
+            "callbacks.sample_grid.every_n_steps=0",
+            f"paths.log_dir={tmp_path}",
+        ],
+        timeout=900,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    module = load_module(str(next(tmp_path.rglob("last.ckpt"))), torch.device("cpu"))
+    generator = module_generator(module, {"name": "heun", "nfe": 17})
+    model = compute_metrics(
+        generated_features(generator, extractor, range(500), 100), reference, layers
+    )
+    heldout, noise = _heldout_and_noise(mnist, extractor, reference, layers)
+    assert heldout["fid"] < model["fid"] < noise["fid"] / 10
+    assert heldout["kid_mean"] < model["kid_mean"] < noise["kid_mean"]
