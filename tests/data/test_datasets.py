@@ -90,7 +90,8 @@ def test_cifar10_missing_without_download_is_a_clear_error(tmp_path):
 
 def test_datamodule_batches_and_flip():
     dm = DiffusionDataModule(lambda: digits(), batch_size=32, hflip=True)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, seeds = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 1, 8, 8) and y.dtype == torch.long
+    assert seeds.shape == (32,) and seeds.unique().numel() == 32
     with pytest.raises(ConfigError, match="data.batch_size"):
         _ = DiffusionDataModule(lambda: digits(), batch_size=5000).dataset

@@ -31,7 +31,9 @@ def _container(cfg: DictConfig | None) -> dict | None:
 
 def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
     """Build data and model from the config and check they fit, before any training."""
-    datamodule = DiffusionDataModule(instantiate(cfg.dataset, _partial_=True), **cfg.data)
+    datamodule = DiffusionDataModule(
+        instantiate(cfg.dataset, _partial_=True), seed=int(cfg.seed), **cfg.data
+    )
     dataset = datamodule.dataset
     label_dim = int(cfg.label_dim)
     if label_dim and label_dim != dataset.num_classes:
@@ -82,16 +84,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
         module, datamodule = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+            raise ConfigError(
+                "trainer.accumulate_grad_batches is derived from data.batch_size (global batch) "
+                "and data.batch_per_device; set those instead"
+            )
+        # the datamodule shards the endless sample stream itself (data/sampler.py)
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            use_distributed_sampler=False,
+        )
+        trainer.accumulate_grad_batches = datamodule.layout(trainer.world_size).accumulation
+        ckpt_path = resume_checkpoint(cfg)
     except (ConfigError, InstantiationException) as e:
         raise SystemExit(f"error: {_root_message(e)}") from None
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise SystemExit(f"error: ckpt_path={ckpt_path!r} does not exist")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` (a file, or ``last`` for the newest
+    ``<log_dir>/<task>/runs/*/checkpoints/last.ckpt``), else with ``auto_resume`` this run
+    directory's own ``checkpoints/last.ckpt`` when it exists."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last":
+        runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+        found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"ckpt_path=last: no {runs}/*/checkpoints/last.ckpt")
+        return str(found[-1])
+    if ckpt_path:
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist")
+        return str(ckpt_path)
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.get("auto_resume") and own.is_file():
+        log.info("auto_resume: resuming from %s", own)
+        return str(own)
+    return None
 
 
 def _root_message(e: BaseException) -> str:

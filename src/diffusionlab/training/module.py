@@ -23,6 +23,7 @@ from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.ema import ema_update
+from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
 
 
 class DiffusionModule(L.LightningModule):
@@ -55,6 +56,7 @@ class DiffusionModule(L.LightningModule):
         self.data_shape = tuple(int(d) for d in data_shape)
         self.label_dim = int(label_dim)
         self.loss_buckets = [float(b) for b in loss_buckets]
+        self._rng_states: list[dict] | None = None
 
     # ------------------------------------------------------------------ training
     def one_hot(self, labels: Tensor) -> Tensor | None:
@@ -65,9 +67,13 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"label_dim={self.label_dim} but the dataset has no labels")
         return F.one_hot(labels, self.label_dim).float()
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, labels = batch
-        per_sample, sigma = self.loss_fn(self.denoiser, x0, class_labels=self.one_hot(labels))
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels, seeds = batch
+        # sigma and noise of each sample from its own seed (data/sampler.py), drawn on the CPU
+        generator = StackedRandomGenerator(seeds.tolist())
+        per_sample, sigma = self.loss_fn(
+            self.denoiser, x0, class_labels=self.one_hot(labels), generator=generator
+        )
         loss = per_sample.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -93,8 +99,23 @@ class DiffusionModule(L.LightningModule):
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        beta = self.ema_schedule.beta(self.global_step, batch[0].shape[0] * self.trainer.world_size)
-        ema_update(self.ema, self.denoiser, beta)
+        accumulation = self.trainer.accumulate_grad_batches
+        if (batch_idx + 1) % accumulation:
+            return  # still accumulating: no optimizer step yet
+        global_batch = batch[0].shape[0] * accumulation * self.trainer.world_size
+        ema_update(self.ema, self.denoiser, self.ema_schedule.beta(self.global_step, global_batch))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # restored last, so nothing between checkpoint loading and the first step draws from them
+        if self._rng_states is not None:
+            restore_rank_rng_states(self._rng_states, self.global_rank)
+            self._rng_states = None
 
     def configure_optimizers(self) -> dict:
         optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
