@@ -57,6 +57,7 @@ class DiffusionModule(L.LightningModule):
         self.label_dim = int(label_dim)
         self.loss_buckets = [float(b) for b in loss_buckets]
         self._rng_states: list[dict] | None = None
+        self._samples_in_step = 0  # this rank's samples since the last optimizer step
 
     # ------------------------------------------------------------------ training
     def one_hot(self, labels: Tensor) -> Tensor | None:
@@ -69,6 +70,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels, seeds = batch
+        self._samples_in_step += x0.shape[0]
         # sigma and noise of each sample from its own seed (data/sampler.py), drawn on the CPU
         generator = StackedRandomGenerator(seeds.tolist())
         per_sample, sigma = self.loss_fn(
@@ -85,25 +87,27 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def _log_buckets(self, per_sample: Tensor, sigma: Tensor) -> None:
-        """Mean loss per sigma bucket; bucket edges from ``loss_buckets``."""
+        """Mean loss per sigma bucket; bucket edges from ``loss_buckets``. A bucket no sample of
+        the step fell in logs NaN: skipping it would make Lightning re-log its stale value."""
         edges = [0.0, *self.loss_buckets, math.inf]
         sigma = sigma.reshape(-1)
         for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             mask = (sigma >= lo) & (sigma < hi)
-            if mask.any():
-                self.log(f"train_sigma/loss_{lo:g}-{hi:g}", per_sample[mask].mean())
+            self.log(f"train_sigma/loss_{lo:g}-{hi:g}", per_sample[mask].mean())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = grad_norm(self.denoiser, norm_type=2)
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        accumulation = self.trainer.accumulate_grad_batches
-        if (batch_idx + 1) % accumulation:
-            return  # still accumulating: no optimizer step yet
-        global_batch = batch[0].shape[0] * accumulation * self.trainer.world_size
-        ema_update(self.ema, self.denoiser, self.ema_schedule.beta(self.global_step, global_batch))
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: checkpoint callbacks run before that hook and would
+        # save the EMA one update behind the weights
+        global_batch = self._samples_in_step * self.trainer.world_size
+        beta = self.ema_schedule.beta(self.global_step + 1, global_batch)  # step being completed
+        ema_update(self.ema, self.denoiser, beta)
+        self._samples_in_step = 0
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = gather_rng_states()
