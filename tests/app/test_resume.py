@@ -99,3 +99,29 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, monkeypatch, extra):
     rows = _rows(resumed_dir, after=KILL_AT)
     assert len({r["step"] for r in rows}) == STEPS - KILL_AT
     assert rows == _rows(tmp_path / "uninterrupted", after=KILL_AT)
+
+
+def _global_step(run: Path) -> int:
+    return _ckpt(run)["global_step"]
+
+
+def test_ckpt_path_last_and_auto_resume(tmp_path):
+    base = [*fast_overrides(tmp_path), "~callbacks.sample_grid", "~callbacks.lr_monitor"]
+    base += ["callbacks.model_checkpoint.every_n_train_steps=1"]
+    runs = tmp_path / "train" / "runs"
+    with pytest.raises(SystemExit, match="ckpt_path=last: no .*/train/runs/"):
+        train(compose_train([*base, "ckpt_path=last"], runs / "first"))
+    train(compose_train([*base, "trainer.max_steps=2"], runs / "first"))
+    # the newest run's last.ckpt
+    train(compose_train([*base, "trainer.max_steps=3", "ckpt_path=last"], runs / "second"))
+    assert _global_step(runs / "second") == 3
+    assert int(_rows(runs / "second", after=0)[0]["step"]) == 2  # continued, not restarted
+    # the same run directory again: auto_resume picks up its own last.ckpt
+    train(compose_train([*base, "trainer.max_steps=4", "auto_resume=true"], runs / "second"))
+    assert _global_step(runs / "second") == 4
+
+
+def test_missing_ckpt_path_is_a_config_error(tmp_path):
+    cfg = compose_train([*fast_overrides(tmp_path), "ckpt_path=nope.ckpt"], tmp_path)
+    with pytest.raises(SystemExit, match="ckpt_path='nope.ckpt' does not exist"):
+        train(cfg)
