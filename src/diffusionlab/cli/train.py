@@ -17,6 +17,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.module import DiffusionModule
+from diffusionlab.training.performance import check_precision, speed_up
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         sampler=_container(cfg.sampler),
     )
     check_fits(module, dataset.shape)
+    speed_up(module, compile=bool(cfg.get("compile")), channels_last=bool(cfg.get("channels_last")))
     return module, datamodule
 
 
@@ -79,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     try:
+        check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         module, datamodule = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
