@@ -110,7 +110,12 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         factory = instantiate(self.hparams.optimizer)
         params = list(self.parameters())
-        optimizer = factory(params=params, **fast_optimizer_options(factory, params))
+        trainer = self._trainer
+        # Lightning cannot clip the gradients of a fused optimizer under mixed precision
+        amp_clip = trainer is not None and "mixed" in str(trainer.precision)
+        amp_clip = amp_clip and bool(trainer.gradient_clip_val)
+        kernels = fast_optimizer_options(factory, params, allow_fused=not amp_clip)
+        optimizer = factory(params=params, **kernels)
         warmup = max(int(self.hparams.lr_warmup_steps), 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0

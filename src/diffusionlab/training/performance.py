@@ -74,12 +74,15 @@ def speed_up(module: nn.Module, compile: bool = False, channels_last: bool = Fal
 
 
 def fast_optimizer_options(
-    factory: Callable[..., torch.optim.Optimizer], params: Iterable[torch.Tensor]
+    factory: Callable[..., torch.optim.Optimizer],
+    params: Iterable[torch.Tensor],
+    allow_fused: bool = True,
 ) -> dict[str, bool]:
-    """Kernel options for the optimizer: ``fused=True`` when every parameter sits on a device
+    """Kernel options for the optimizer: ``fused=True`` when all parameters sit on one device type
     with a fused kernel for it (CUDA; the CPU for Adam/AdamW/SGD/Adagrad, torch >= 2.4), else
-    ``foreach=True`` where accepted. Options the user set (``optimizer.fused`` /
-    ``optimizer.foreach``) are left alone."""
+    ``foreach=True`` where accepted. ``allow_fused=False`` where the caller cannot use a fused
+    step (Lightning refuses gradient clipping with a fused optimizer under mixed precision).
+    Options the user set (``optimizer.fused`` / ``optimizer.foreach``) are left alone."""
     keywords = getattr(factory, "keywords", None) or {}
     if "fused" in keywords or "foreach" in keywords:
         return {}
@@ -87,6 +90,6 @@ def fast_optimizer_options(
     accepted = inspect.signature(cls).parameters
     fused_on = {"cuda", "cpu"} if cls.__name__ in FUSED_ON_CPU else {"cuda"}
     devices = {p.device.type for p in params}
-    if "fused" in accepted and devices and devices <= fused_on:
+    if allow_fused and "fused" in accepted and len(devices) == 1 and devices <= fused_on:
         return {"fused": True}
     return {"foreach": True} if "foreach" in accepted else {}
