@@ -122,6 +122,20 @@ def test_compile_routes_through_torch_compile(monkeypatch):
     assert net(x, c_noise).abs().sum() == 0  # the network now runs what torch.compile returned
 
 
+def test_compile_key_compiles_the_training_network_at_fit_start(tmp_path, monkeypatch):
+    compiled = []
+
+    def spy(fn, **kwargs):
+        compiled.append(fn.__self__)
+        return fn
+
+    monkeypatch.setattr(performance.torch, "compile", spy)
+    overrides = [*fast_overrides(tmp_path, callbacks=False), "compile=true"]
+    metrics = train(compose_train(overrides, tmp_path))
+    assert [type(net).__name__ for net in compiled] == ["SongUNet"]
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 def test_channels_last_same_denoiser_output(tmp_path):
     base = fast_overrides(tmp_path, callbacks=False)
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.module import DiffusionModule
-from diffusionlab.training.performance import check_precision, speed_up
+from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         sampler=_container(cfg.sampler),
     )
     check_fits(module, dataset.shape)
-    speed_up(module, compile=bool(cfg.get("compile")), channels_last=bool(cfg.get("channels_last")))
+    if cfg.get("channels_last"):
+        to_channels_last(module)
     return module, datamodule
 
 
@@ -84,6 +85,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         module, datamodule = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        callbacks += [CompileNetwork()] if cfg.get("compile") else []
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     except (ConfigError, InstantiationException) as e:

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -36,7 +37,8 @@ def compile_network(net: nn.Module, **options: Any) -> None:
     """``torch.compile`` the network's forward in place (``state_dict`` keys unchanged).
 
     If compiling fails at a call, one warning naming ``compile`` is logged and the network runs
-    eagerly from then on."""
+    eagerly from then on. The compiled forward belongs to this instance: copy a network (e.g.
+    ``copy.deepcopy``) before compiling it, not after."""
     eager = net.forward
     current: list[Callable[..., Any]] = [torch.compile(eager, **options)]
 
@@ -65,12 +67,12 @@ def to_channels_last(net: nn.Module) -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def speed_up(module: nn.Module, compile: bool = False, channels_last: bool = False) -> None:
-    """The ``compile`` and ``channels_last`` config keys, applied to a built DiffusionModule."""
-    if channels_last:
-        to_channels_last(module)
-    if compile:
-        compile_network(module.denoiser.net)
+class CompileNetwork(L.Callback):
+    """``compile=true``: compile the network when fitting starts, inside each training process
+    (a compiled network cannot be pickled to ``ddp_spawn`` workers)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        compile_network(pl_module.denoiser.net)
 
 
 def fast_optimizer_options(
