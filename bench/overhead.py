@@ -36,6 +36,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import wandb
 from benchlib import compose_train, machine, markdown_table, sync, write_results
 from hydra.utils import instantiate
 
@@ -119,6 +120,8 @@ def lightning_fit(cfg, warmup: int, device: str) -> list[float]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer = instantiate(cfg.trainer, callbacks=[*callbacks, clock], logger=loggers or False)
     trainer.fit(module, datamodule=datamodule)
+    if wandb.run is not None:  # close the run so its service is idle during the next run
+        wandb.finish()
     marks = [*clock.starts[warmup:], clock.end]
     return [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
 
