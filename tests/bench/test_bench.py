@@ -49,7 +49,8 @@ def test_overhead_smoke():
 
 
 def test_throughput_smoke_counts_the_known_flops():
-    res = run_bench("throughput", "--quick", "--steps", "2", "--warmup", "1")
+    args = ["--models", "unet_tiny", "--resolution", "16", "--channels", "1", "--batch", "64"]
+    res = run_bench("throughput", *args, "--steps", "2", "--warmup", "1")
     (row_fp32, row_bf16) = res["rows"]
     assert (row_fp32["precision"], row_bf16["precision"]) == ("32-true", "bf16-mixed")
     # unet_tiny at 16x16: 59 MFLOP forward per image, backward about twice that
