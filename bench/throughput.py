@@ -47,6 +47,8 @@ def run_one(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     module = build_module(args.one, args.resolution, args.channels, args.override)
     params = sum(p.numel() for p in module.denoiser.parameters())
+    # count FLOPs eagerly, before the network may be compiled
+    flops = flops_per_step(OurStep(module, args.batch, args.device, args.precision).loss)
     step = OurStep(
         module,
         args.batch,
@@ -55,7 +57,6 @@ def run_one(args: argparse.Namespace) -> dict:
         compile=args.compile_one,
         channels_last=args.channels_last,
     )
-    flops = flops_per_step(OurStep(module, args.batch, args.device, args.precision).loss)
     step.optimizer.zero_grad(set_to_none=True)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -49,7 +49,8 @@ def test_overhead_smoke():
 
 
 def test_throughput_smoke_counts_the_known_flops():
-    args = ["--models", "unet_tiny", "--resolution", "16", "--channels", "1", "--batch", "64"]
+    args = ["--threads", "1", "--models", "unet_tiny", "--resolution", "16", "--channels", "1"]
+    args += ["--batch", "64"]
     res = run_bench("throughput", *args, "--steps", "2", "--warmup", "1")
     (row_fp32, row_bf16) = res["rows"]
     assert (row_fp32["precision"], row_bf16["precision"]) == ("32-true", "bf16-mixed")
@@ -60,9 +61,17 @@ def test_throughput_smoke_counts_the_known_flops():
 
 
 def test_sampling_smoke_generate_equals_bare_heun():
-    res = run_bench("sampling", "--nfe", "5", "--batch", "4", "--rounds", "1")
+    res = run_bench("sampling", "--threads", "1", "--nfe", "5", "--batch", "4", "--rounds", "1")
     assert res["max_abs_diff"] == 0.0  # same grid, same noise, same Heun steps
     assert res["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_throughput_smoke_unet_ddpmpp():
+    """docs/performance.md: bench/throughput.py --threads 1 --models unet_ddpmpp --batch 4"""
+    args = ["--threads", "1", "--models", "unet_ddpmpp", "--batch", "1", "--precisions", "32-true"]
+    res = run_bench("throughput", *args, "--steps", "1", "--warmup", "0", timeout=900)
+    assert res["rows"][0]["params_M"] == pytest.approx(55.732739)
 
 
 def test_edm_compare_skips_without_a_checkout():
@@ -76,7 +85,7 @@ def test_edm_compare_against_a_checkout():
     edm = os.environ.get("DL_EDM_PATH")
     if not edm:
         pytest.skip("DL_EDM_PATH not set")
-    res = run_bench("edm_compare", "--quick", "--edm-path", edm, timeout=900)
+    res = run_bench("edm_compare", "--threads", "1", "--quick", "--edm-path", edm, timeout=900)
     edm_row, ours = res["rows"][0], res["rows"][1]
     assert edm_row["params_M"] == pytest.approx(ours["params_M"], abs=1e-6)  # same network
     assert edm_row["gflop_per_image"] == pytest.approx(ours["gflop_per_image"], rel=1e-3)
