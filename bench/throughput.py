@@ -103,7 +103,7 @@ def row(r: dict, ratio: float) -> tuple:
         r["precision"] + (" + compile" if r["compile"] else ""),
         f"{r['params_M']:.2f}",
         r["batch"],
-        f"{r['images_per_s']:.1f}",
+        f"{r['images_per_s']:.3g}",
         ratio,
         f"{r['peak_memory_mb']:.0f}",
         f"{r['gflop_per_image']:.2f}",
