@@ -17,6 +17,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.module import DiffusionModule
+from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         sampler=_container(cfg.sampler),
     )
     check_fits(module, dataset.shape)
+    if cfg.get("channels_last"):
+        to_channels_last(module)
     return module, datamodule
 
 
@@ -81,8 +84,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     try:
+        check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
         module, datamodule = build(cfg)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+        callbacks += [CompileNetwork()] if cfg.get("compile") else []
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
         if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
             raise ConfigError(

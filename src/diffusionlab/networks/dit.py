@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusionlab.networks.layers import condition_labels
+from diffusionlab.networks.layers import condition_labels, run_block
 
 #: depth, hidden size, heads of DiT Table 1.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -82,7 +82,8 @@ class DiT(nn.Module):
     class table has a learned "null" row used when a sample's one-hot label is all zeros
     (unconditional / dropped label, as DiT's classifier-free guidance). ``DiT(..., size="XL",
     patch_size=2)`` is DiT-XL/2; the paper's counts use ``out_channels = 2 * in_channels``
-    (learned sigma).
+    (learned sigma). ``checkpointing=True`` recomputes each transformer block's activations in
+    the backward pass (less memory, more compute).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class DiT(nn.Module):
         num_heads: int | None = None,
         mlp_ratio: float = 4.0,
         frequency_embedding_size: int = 256,
+        checkpointing: bool = False,
     ) -> None:
         if size not in DIT_SIZES:
             raise ValueError(f"size={size!r}; use one of {sorted(DIT_SIZES)}")
@@ -118,6 +120,7 @@ class DiT(nn.Module):
         self.label_dim = label_dim
         self.label_dropout = label_dropout
         self.frequency_embedding_size = frequency_embedding_size
+        self.checkpointing = checkpointing
         self.grid = img_resolution // patch_size
 
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
@@ -180,7 +183,7 @@ class DiT(nn.Module):
         if self.map_augment is not None and augment_labels is not None:
             c = c + self.map_augment(augment_labels.float())
         for block in self.blocks:
-            x = block(x, c)
+            x = run_block(block, self.checkpointing, x, c)
         shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=2)
         x = self.final_linear(self.norm_final(x).to(x.dtype) * (1 + scale) + shift)
         p, g = self.patch_size, self.grid

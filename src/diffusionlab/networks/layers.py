@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> Tensor:
@@ -198,6 +199,15 @@ def condition_labels(
         return labels
     keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
     return labels * keep.to(labels.dtype)
+
+
+def run_block(block: nn.Module, checkpointing: bool, *args: Tensor) -> Tensor:
+    """``block(*args)``; with ``checkpointing`` (and autograd on) its activations are recomputed
+    in the backward pass instead of stored (non-reentrant, RNG state replayed so dropout masks
+    and gradients are unchanged)."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def check_resolution(img_resolution: int, levels: int) -> None:

@@ -21,6 +21,7 @@ from diffusionlab.networks.layers import (
     UNetBlock,
     check_resolution,
     condition_labels,
+    run_block,
 )
 
 
@@ -29,7 +30,8 @@ class DhariwalUNet(nn.Module):
 
     ``F(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
     Initialisation as ADM: kaiming-uniform scaled by sqrt(1/3) (PyTorch's default), zero output
-    convolutions of every residual branch and of the network.
+    convolutions of every residual branch and of the network. ``checkpointing=True``
+    recomputes each block's activations in the backward pass (less memory, more compute).
     """
 
     def __init__(
@@ -46,12 +48,14 @@ class DhariwalUNet(nn.Module):
         num_blocks: int = 3,
         attn_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.10,
+        checkpointing: bool = False,
     ) -> None:
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
         self.img_resolution = img_resolution
         self.label_dim = label_dim
         self.label_dropout = label_dropout
+        self.checkpointing = checkpointing
         emb_channels = model_channels * channel_mult_emb
         init = dict(
             init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3)
@@ -134,10 +138,11 @@ class DhariwalUNet(nn.Module):
 
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            is_block = isinstance(block, UNetBlock)
+            x = run_block(block, self.checkpointing, x, emb) if is_block else block(x)
             skips.append(x)
         for block in self.dec.values():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+            x = run_block(block, self.checkpointing, x, emb)
         return self.out_conv(F.silu(self.out_norm(x)))

@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusionlab.networks.layers import check_resolution, condition_labels, resample_kernel
+from diffusionlab.networks.layers import (
+    check_resolution,
+    condition_labels,
+    resample_kernel,
+    run_block,
+)
 
 
 def normalize(x: Tensor, dim: Sequence[int] | int | None = None, eps: float = 1e-4) -> Tensor:
@@ -163,7 +168,8 @@ class EDM2UNet(nn.Module):
     of EDM2's uncertainty weighting (eq. 21), from its own Fourier features and linear layer
     (``logvar_channels=0`` drops the head, e.g. for DDP runs that never use it).
     ``augment_labels`` (not in EDM2) enter the embedding through a bias-free MPConv, so zero
-    labels and ``None`` agree.
+    labels and ``None`` agree. ``checkpointing=True`` recomputes each block's activations in
+    the backward pass (less memory, more compute).
     """
 
     def __init__(
@@ -189,6 +195,7 @@ class EDM2UNet(nn.Module):
         res_balance: float = 0.3,
         attn_balance: float = 0.3,
         clip_act: float | None = 256,
+        checkpointing: bool = False,
     ) -> None:
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
@@ -197,6 +204,7 @@ class EDM2UNet(nn.Module):
         self.label_dropout = label_dropout
         self.label_balance = label_balance
         self.concat_balance = concat_balance
+        self.checkpointing = checkpointing
         block_kwargs = dict(
             resample_filter=resample_filter,
             channels_per_head=channels_per_head,
@@ -276,12 +284,12 @@ class EDM2UNet(nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if "conv" in name else block(x, emb)
+            x = block(x) if "conv" in name else run_block(block, self.checkpointing, x, emb)
             skips.append(x)
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = run_block(block, self.checkpointing, x, emb)
         out = self.out_conv(x, gain=self.out_gain)
         if not return_logvar:
             return out

@@ -15,7 +15,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from diffusionlab.diffusion.noise import StackedRandomGenerator
@@ -23,6 +22,7 @@ from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.ema import ema_update
+from diffusionlab.training.performance import fast_optimizer_options
 from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
 
 
@@ -83,8 +83,16 @@ class DiffusionModule(L.LightningModule):
                 "enable trainer.gradient_clip_val, or check the schedule/parameterization pair"
             )
         self.log("train/loss", loss, prog_bar=True)
-        self._log_buckets(per_sample.detach(), sigma.detach())
+        if self._logging_step():
+            self._log_buckets(per_sample.detach(), sigma.detach())
         return loss
+
+    def _logging_step(self) -> bool:
+        """True on the steps whose metrics reach the loggers (``trainer.log_every_n_steps``) and
+        on the last step: per-step diagnostics are computed only then."""
+        trainer = self.trainer
+        last = trainer.max_steps > 0 and self.global_step + 1 >= trainer.max_steps
+        return last or trainer._logger_connector.should_update_logs
 
     def _log_buckets(self, per_sample: Tensor, sigma: Tensor) -> None:
         """Mean loss per sigma bucket; bucket edges from ``loss_buckets``. A bucket no sample of
@@ -96,9 +104,12 @@ class DiffusionModule(L.LightningModule):
             self.log(f"train_sigma/loss_{lo:g}-{hi:g}", per_sample[mask].mean())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.denoiser, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        if not self._logging_step():
+            return
+        grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)))
+            self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -122,7 +133,14 @@ class DiffusionModule(L.LightningModule):
             self._rng_states = None
 
     def configure_optimizers(self) -> dict:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        factory = instantiate(self.hparams.optimizer)
+        params = list(self.parameters())
+        trainer = self._trainer
+        # Lightning cannot clip the gradients of a fused optimizer under mixed precision
+        amp_clip = trainer is not None and "mixed" in str(trainer.precision)
+        amp_clip = amp_clip and bool(trainer.gradient_clip_val)
+        kernels = fast_optimizer_options(factory, params, allow_fused=not amp_clip)
+        optimizer = factory(params=params, **kernels)
         warmup = max(int(self.hparams.lr_warmup_steps), 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0

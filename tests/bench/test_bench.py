@@ -1,0 +1,97 @@
+"""Smoke runs of every benchmark in its smallest mode: JSON + markdown written, numbers sane."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["dataset=digits", "model=unet_tiny", "data.batch_size=16"]
+
+
+def run_bench(name: str, *args: str, timeout: float = 300) -> dict:
+    out = Path(os.environ["BENCH_OUT"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = {"edm_compare": "edm_compare"}.get(name, name)
+    table = (out / f"{stem}.md").read_text()
+    assert table.startswith(f"# {stem}") and "CPU cores" in table
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def bench_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+
+
+def test_overhead_smoke():
+    res = run_bench("overhead", "--steps", "3", "--warmup", "2", "--rounds", "1", *TINY)
+    best = res["best_per_step"]
+    assert set(best) == {"bare", "lightning", "lightning-bare"} and res["clock"] == "process"
+    assert all(v > 0 and math.isfinite(v) for v in best.values())
+    assert res["ratio"] == pytest.approx(best["lightning"] / best["bare"])
+    # one round: the best step durations are that round's, so both images/s agree
+    assert best["bare"] == pytest.approx(res["images_per_s"]["bare"][0])
+
+
+def test_throughput_smoke_counts_the_known_flops():
+    args = ["--threads", "1", "--models", "unet_tiny", "--resolution", "16", "--channels", "1"]
+    args += ["--batch", "64"]
+    res = run_bench("throughput", *args, "--steps", "2", "--warmup", "1")
+    (row_fp32, row_bf16) = res["rows"]
+    assert (row_fp32["precision"], row_bf16["precision"]) == ("32-true", "bf16-mixed")
+    # unet_tiny at 16x16: 59 MFLOP forward per image, backward about twice that
+    assert 0.15 < row_fp32["gflop_per_image"] < 0.2
+    assert row_fp32["params_M"] == pytest.approx(0.70, abs=0.03)
+    assert row_fp32["mfu"] is None and row_fp32["peak_memory_mb"] > 100
+
+
+def test_sampling_smoke_generate_equals_bare_heun():
+    res = run_bench("sampling", "--threads", "1", "--nfe", "5", "--batch", "4", "--rounds", "1")
+    assert res["max_abs_diff"] == 0.0  # same grid, same noise, same Heun steps
+    assert res["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_throughput_smoke_unet_ddpmpp():
+    """docs/performance.md: bench/throughput.py --threads 1 --models unet_ddpmpp --batch 4"""
+    args = ["--threads", "1", "--models", "unet_ddpmpp", "--batch", "1", "--precisions", "32-true"]
+    res = run_bench("throughput", *args, "--steps", "1", "--warmup", "0", timeout=900)
+    assert res["rows"][0]["params_M"] == pytest.approx(55.732739)
+
+
+def test_edm_compare_skips_without_a_checkout():
+    res = run_bench("edm_compare", "--quick")
+    assert res["skipped"] is True
+
+
+@pytest.mark.slow
+def test_edm_compare_against_a_checkout():
+    """Needs DL_EDM_PATH pointing at a checkout of github.com/NVlabs/edm."""
+    edm = os.environ.get("DL_EDM_PATH")
+    if not edm:
+        pytest.skip("DL_EDM_PATH not set")
+    res = run_bench("edm_compare", "--threads", "1", "--quick", "--edm-path", edm, timeout=900)
+    edm_row, ours = res["rows"][0], res["rows"][1]
+    assert edm_row["params_M"] == pytest.approx(ours["params_M"], abs=1e-6)  # same network
+    assert edm_row["gflop_per_image"] == pytest.approx(ours["gflop_per_image"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_ddp_smoke():
+    res = run_bench("ddp", "--quick", *TINY, timeout=600)
+    assert set(res["images_per_s"]) == {"1", "2"} and res["ratio"] > 0
