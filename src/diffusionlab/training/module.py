@@ -43,7 +43,8 @@ class DiffusionModule(L.LightningModule):
         sampler: dict | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # the app logs the whole run config; these hparams only rebuild the module from checkpoints
+        self.save_hyperparameters(logger=False)
         self.schedule = instantiate(schedule)
         net = instantiate(model)
         self.denoiser = Denoiser(net, instantiate(parameterization)(schedule=self.schedule))
