@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .helpers import ROOT, fast_overrides
 from .wandb_records import offline_runs
 
@@ -57,6 +59,13 @@ def test_multirun_makes_one_named_run_per_job_in_one_group(tmp_path):
         assert run.config["trainer_cfg"]["max_steps"] == 3 and run.config["seed"] == 42
         steps = [h["trainer/global_step"] for h in run.history if "train/loss" in h]
         assert steps == [0, 1, 2]
+        assert [h["trainer/global_step"] for h in run.history if "train/lr" in h] == [0, 1, 2]
+        # throughput every log_every_n_steps=1 step: images/s x s/step = images per step
+        perf = [h for h in run.history if "perf/images_per_sec" in h]
+        assert [h["trainer/global_step"] for h in perf] == [1, 2, 3]
+        for row in perf:
+            assert row["perf/images_per_sec"] * row["perf/step_time_s"] == pytest.approx(16)
+            assert "perf/gpu_peak_mem_gb" not in row  # CPU run
         # the final sample grid: an image at the last step, its file in the run
         (grid,) = [h for h in run.history if "samples/grid/_type" in h]
         assert grid["trainer/global_step"] == 3 and grid["samples/grid/_type"] == "images/separated"
