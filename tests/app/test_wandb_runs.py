@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from diffusionlab.training.wandb_records import offline_runs
+
 from .helpers import ROOT, fast_overrides
-from .wandb_records import offline_runs
 
 
 def run_offline(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -1,11 +1,14 @@
-"""Read offline W&B runs back: ``<dir>/wandb/offline-run-*/run-<id>.wandb`` is a LevelDB-style log
-of protobuf ``Record`` messages (7-byte file header ``:W&B`` + magic + version, then 32 KiB blocks of
-chunks with a 7-byte header: CRC32, length, type FULL/FIRST/MIDDLE/LAST)."""
+"""Read W&B runs back from their local log: ``<dir>/wandb/[offline-]run-*/run-<id>.wandb`` (written
+online and offline) is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte file header
+(``:W&B``, magic, version), then 32 KiB blocks of chunks, each with a 7-byte header (CRC32, length,
+type FULL / FIRST / MIDDLE / LAST). The evaluate and sample apps read a training run's identity
+from it; the tests read whole runs."""
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +18,12 @@ BLOCK = 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def read_records(path: Path) -> list[pb.Record]:
+def read_records(path: Path) -> Iterator[pb.Record]:
     """Every ``Record`` in one ``.wandb`` file, in order."""
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run log")
-    records, chunks, pos = [], [], 7
+    chunks, pos = [], 7
     while pos + 7 <= len(data):
         left = BLOCK - pos % BLOCK
         if left < 7:  # block trailer too short for a header: zero padding
@@ -35,9 +38,16 @@ def read_records(path: Path) -> list[pb.Record]:
         if kind in (FULL, LAST):
             record = pb.Record()
             record.ParseFromString(b"".join(chunks))
-            records.append(record)
+            yield record
             chunks = []
-    return records
+
+
+def run_record(path: Path) -> pb.RunRecord:
+    """The run's identity (``run_id``, ``display_name``, ``run_group``, ``job_type``, ...)."""
+    for rec in read_records(path):
+        if rec.WhichOneof("record_type") == "run":
+            return rec.run
+    raise ValueError(f"{path} holds no run record")
 
 
 @dataclass
