@@ -64,11 +64,18 @@ class OfflineRun:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    charts: dict[str, dict] = field(default_factory=dict)
     exit_code: int | None = None
 
     @property
     def dir(self) -> Path:
         return self.path.parent
+
+    def table(self, key: str) -> list[dict]:
+        """The rows of the last ``wandb.Table`` logged under ``key`` (read from the run's files)."""
+        (row, *_) = [h for h in reversed(self.history) if h.get(f"{key}/_type") == "table-file"]
+        table = json.loads((self.dir / "files" / row[f"{key}/path"]).read_text())
+        return [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
 
 
 def _key(item) -> str:
@@ -77,14 +84,19 @@ def _key(item) -> str:
 
 def _apply_config(config: dict, items, remove) -> None:
     for item in items:
-        config[_key(item)] = json.loads(item.value_json)
+        *parents, last = item.nested_key or [item.key]
+        node = config
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = json.loads(item.value_json)
     for item in remove:
         config.pop(_key(item), None)
 
 
 def read_run(path: Path) -> OfflineRun:
-    """Parse one ``run-<id>.wandb`` into an ``OfflineRun`` (config values unwrapped from W&B's
-    ``{"value": ...}``; history rows as dicts of JSON values)."""
+    """Parse one ``run-<id>.wandb`` into an ``OfflineRun``: config values unwrapped from W&B's
+    ``{"value": ...}``, history rows as dicts of JSON values, and each custom chart's field
+    settings (``{"x": "nfe", "y": "fid", "stroke": "sampler"}``) by its key."""
     run = OfflineRun(Path(path))
     config: dict = {}
     for rec in read_records(path):
@@ -110,6 +122,8 @@ def read_run(path: Path) -> OfflineRun:
             run.files += [f.path for f in rec.files.files]
         elif kind == "exit":
             run.exit_code = rec.exit.exit_code
+    visualize = config.get("_wandb", {}).get("visualize", {})
+    run.charts = {k: v["panel_config"]["fieldSettings"] for k, v in visualize.items()}
     run.config = {
         k: v["value"] if isinstance(v, dict) and "value" in v else v
         for k, v in config.items()
