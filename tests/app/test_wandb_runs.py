@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import wandb
 from hydra import compose, initialize_config_dir
 
 from diffusionlab.cli.evaluate import evaluate
@@ -118,6 +119,7 @@ def test_evaluate_and_sample_runs_join_the_training_run(grid, tmp_path, monkeypa
     result = evaluate(cfg)
     out = tmp_path / "sample"
     sample(_compose("sample", [f"ckpt={ckpt}", "n=4", "sampler.nfe=3", f"paths.output_dir={out}"]))
+    wandb.teardown()  # in-process runs reach their files when the W&B service shuts down
 
     (run,) = offline_runs(tmp_path / "eval")
     assert run.job_type == "evaluate" and run.group == grid.name and run.exit_code == 0
