@@ -97,7 +97,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with finish_wandb_run():
         run = start_wandb_run(cfg, ckpts)
         result = _evaluate(cfg, ckpts, run)
-        run.log({f"eval/{k}": v for k, v in result["metrics"].items()})
+        run.log({f"eval/{k}": v for k, v in {**result["metrics"], **result.get("bpd", {})}.items()})
     return result
 
 
@@ -125,11 +125,10 @@ def _evaluate(cfg: DictConfig, ckpts: list[str], run) -> dict:
         result["images"] = str(cfg.images)
         result["metrics"] = evaluator.score_images(images)
     elif len(ckpts) > 1:
-        rows = ema_sweep(cfg, ckpts, evaluator, device, outdir)
+        rows, x = ema_sweep(cfg, ckpts, evaluator, device, outdir)
         best = min(rows, key=lambda r: r.get("fid", math.inf))
         result.update(ckpt=best["ckpt"], num_samples=int(e.num_samples), ema_sweep=rows)
-        result["metrics"] = {k: v for k, v in best.items() if k != "ckpt" and k[:4] != "ema_"}
-        x = next(k for k in rows[0] if k.startswith("ema_"))
+        result["metrics"] = {k: v for k, v in best.items() if k not in ("ckpt", x)}
         log_curve(run, "eval/ema_sweep", "eval/fid_vs_ema", rows, x, None)
     else:
         module = load_module(ckpts[0], device)
@@ -169,9 +168,10 @@ def nfe_sweep(cfg: DictConfig, module, evaluator: Evaluator, ranges, outdir: Pat
 
 def ema_sweep(
     cfg: DictConfig, ckpts: list[str], evaluator: Evaluator, device, outdir: Path
-) -> list[dict]:
-    """Metrics of each checkpoint (same sampler and seeds) by EMA length; writes ema_sweep.csv,
-    ema_sweep.md and fid_vs_ema.png. All checkpoints must use the same kind of EMA."""
+) -> tuple[list[dict], str]:
+    """Metrics of each checkpoint (same sampler and seeds) by EMA length, and the EMA column's
+    name; writes ema_sweep.csv, ema_sweep.md and fid_vs_ema.png. All checkpoints must use the
+    same kind of EMA."""
     e = cfg.eval
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
@@ -188,7 +188,7 @@ def ema_sweep(
     rows.sort(key=lambda r: r[key])
     _write_table(rows, outdir / "ema_sweep")
     _plot_sweep(rows, key, None, outdir / "fid_vs_ema.png")
-    return rows
+    return rows, key
 
 
 def _write_table(rows: list[dict], stem: Path) -> None:
