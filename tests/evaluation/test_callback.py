@@ -1,4 +1,4 @@
-"""The FID callback inside a real (tiny) training run logs val/fid to the CSV logger."""
+"""The FID callback inside a real (tiny) training run logs eval/fid to the CSV logger."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def test_fid_callback_logs_val_fid(tmp_path):
     ]
     cfg = compose_train(overrides, tmp_path / "run")
     metrics = train(cfg)
-    assert math.isfinite(metrics["val/fid"]) and metrics["val/fid"] > 0
+    assert math.isfinite(metrics["eval/fid"]) and metrics["eval/fid"] > 0
     assert (tmp_path / "cache" / "extractors" / "digits-8.pt").is_file()
     assert (tmp_path / "cache" / "fid-refs" / "digits-all-8-dl-domain-digits-8.pt").is_file()
     with open(next((tmp_path / "run").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
-    logged = [r for r in rows if r.get("val/fid")]
-    assert logged and "val/kid_mean" in rows[0]
+    logged = [r for r in rows if r.get("eval/fid")]
+    assert logged and "eval/kid_mean" in rows[0]

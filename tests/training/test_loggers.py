@@ -16,3 +16,26 @@ def test_auto_is_offline_without_login(monkeypatch, tmp_path):
     assert resolve_wandb_mode("auto") == "offline"
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password x\n")
     assert resolve_wandb_mode("auto") == "online"
+
+
+def test_finish_wandb_run_ends_each_run_also_on_error(monkeypatch, tmp_path):
+    import pytest
+    import wandb
+
+    from diffusionlab.training.loggers import finish_wandb_run
+    from diffusionlab.training.wandb_records import offline_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "home"))
+    with pytest.raises(RuntimeError), finish_wandb_run():
+        wandb.init(dir=tmp_path / "a", project="t")
+        raise RuntimeError("job failed")
+    assert wandb.run is None
+    with finish_wandb_run():
+        wandb.init(dir=tmp_path / "b", project="t")
+    assert wandb.run is None
+    wandb.teardown()  # in-process runs reach their files when the W&B service shuts down
+    (failed,) = offline_runs(tmp_path / "a")
+    (ok,) = offline_runs(tmp_path / "b")
+    assert (failed.exit_code, ok.exit_code) == (1, 0) and failed.id != ok.id

@@ -1,18 +1,21 @@
 """``python evaluate.py ckpt=...`` or ``images=folder/``: FID / IS / KID / precision-recall against
-a dataset's cached reference features, an optional NFE sweep (table + plot) and bits/dim."""
+a dataset's cached reference features, an optional NFE sweep (table + plot) and bits/dim;
+``ckpt=[a.ckpt,b.ckpt]`` scores several checkpoints against their EMA length (table + plot).
+Results also go to a W&B run attached to the checkpoint's training run."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import IMAGE_SUFFIXES
@@ -28,6 +31,8 @@ from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
 from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.reference import split_indices
+from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
+from diffusionlab.training.loggers import finish_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,8 @@ def dataset_config(cfg: DictConfig) -> DictConfig:
     """The dataset to compare against: ``dataset=...`` or the checkpoint's training run's."""
     if cfg.get("dataset") is not None:
         return cfg.dataset
-    run = run_config(cfg.ckpt) if cfg.ckpt else None
+    ckpts = checkpoints(cfg)
+    run = run_config(ckpts[0]) if ckpts else None
     if run is None or "dataset" not in run:
         raise ConfigError("no reference dataset: pass dataset=<name> (e.g. dataset=mnist16)")
     merged = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths), "dataset": run.dataset})
@@ -63,10 +69,39 @@ def load_images(folder: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def checkpoints(cfg: DictConfig) -> list[str]:
+    """``ckpt`` as a list: ``[]`` (none), ``[path]`` or the paths of ``ckpt=[a,b]``."""
+    if isinstance(cfg.ckpt, ListConfig):
+        return [str(c) for c in cfg.ckpt]
+    return [str(cfg.ckpt)] if cfg.ckpt else []
+
+
+def ema_length(module) -> tuple[str, float]:
+    """The checkpoint's EMA length as (column, value): ``ema_halflife_kimg`` (EDM) or
+    ``ema_decay`` (plain), from the training run's ``ema`` hyperparameters."""
+    ema = module.hparams.ema
+    for key in ("halflife_kimg", "decay"):
+        if key in ema:
+            return f"ema_{key}", float(ema[key])
+    raise ConfigError(f"cannot read an EMA length from the checkpoint's ema config {dict(ema)}")
+
+
 def evaluate(cfg: DictConfig) -> dict:
-    """Run the evaluation described by ``cfg``; writes ``metrics.json`` to the run directory."""
-    if bool(cfg.ckpt) == bool(cfg.images):
+    """Run the evaluation described by ``cfg``; writes ``metrics.json`` to the run directory and
+    logs ``eval/<metric>`` and the sweep tables to a W&B run (finished when this returns)."""
+    ckpts = checkpoints(cfg)
+    if bool(ckpts) == bool(cfg.images):
         raise ConfigError("pass exactly one of ckpt=... or images=...")
+    if len(ckpts) > 1 and (cfg.sweep.samplers or cfg.bpd.num_images):
+        raise ConfigError("sweep.samplers and bpd.num_images need a single ckpt, not a list")
+    with finish_wandb_run():
+        run = start_wandb_run(cfg, ckpts)
+        result = _evaluate(cfg, ckpts, run)
+        run.log({f"eval/{k}": v for k, v in {**result["metrics"], **result.get("bpd", {})}.items()})
+    return result
+
+
+def _evaluate(cfg: DictConfig, ckpts: list[str], run) -> dict:
     device = pick_device(cfg.device)
     dcfg = dataset_config(cfg)
     data = instantiate(dcfg)
@@ -89,17 +124,24 @@ def evaluate(cfg: DictConfig) -> dict:
         images = load_images(cfg.images, int(data.images.shape[-1]))
         result["images"] = str(cfg.images)
         result["metrics"] = evaluator.score_images(images)
+    elif len(ckpts) > 1:
+        rows, x = ema_sweep(cfg, ckpts, evaluator, device, outdir)
+        best = min(rows, key=lambda r: r.get("fid", math.inf))
+        result.update(ckpt=best["ckpt"], num_samples=int(e.num_samples), ema_sweep=rows)
+        result["metrics"] = {k: v for k, v in best.items() if k not in ("ckpt", x)}
+        log_curve(run, "eval/ema_sweep", "eval/fid_vs_ema", rows, x, None)
     else:
-        module = load_module(cfg.ckpt, device)
+        module = load_module(ckpts[0], device)
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
         ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
         gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
-        result.update(ckpt=str(cfg.ckpt), sampler=sampler, num_samples=int(e.num_samples))
+        result.update(ckpt=ckpts[0], sampler=sampler, num_samples=int(e.num_samples))
         result["metrics"] = evaluator.score_generator(
             gen, ranges, int(e.batch_size), cfg.class_label, progress=True
         )
         if cfg.sweep.samplers:
             result["sweep"] = nfe_sweep(cfg, module, evaluator, ranges, outdir)
+            log_curve(run, "eval/nfe_sweep", "eval/fid_vs_nfe", result["sweep"], "nfe", "sampler")
         if cfg.bpd.num_images:
             result["bpd"] = bits_per_dim(cfg, module, data, e.split)
     (outdir / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -119,39 +161,71 @@ def nfe_sweep(cfg: DictConfig, module, evaluator: Evaluator, ranges, outdir: Pat
             )
             rows.append({"sampler": name, "nfe": int(nfe), **metrics})
             log.info("sweep %s nfe=%d: %s", name, nfe, metrics)
-    with open(outdir / "nfe_sweep.csv", "w", newline="") as f:
+    _write_table(rows, outdir / "nfe_sweep")
+    _plot_sweep(rows, "nfe", "sampler", outdir / "fid_vs_nfe.png")
+    return rows
+
+
+def ema_sweep(
+    cfg: DictConfig, ckpts: list[str], evaluator: Evaluator, device, outdir: Path
+) -> tuple[list[dict], str]:
+    """Metrics of each checkpoint (same sampler and seeds) by EMA length, and the EMA column's
+    name; writes ema_sweep.csv, ema_sweep.md and fid_vs_ema.png. All checkpoints must use the
+    same kind of EMA."""
+    e = cfg.eval
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
+    rows = []
+    for ckpt in ckpts:
+        module = load_module(ckpt, device)
+        key, length = ema_length(module)
+        if rows and key not in rows[0]:
+            raise ConfigError(f"ckpt={ckpt!r} has {key}; the other checkpoints do not")
+        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+        metrics = evaluator.score_generator(gen, ranges, int(e.batch_size), cfg.class_label)
+        rows.append({"ckpt": ckpt, key: length, **metrics})
+        log.info("%s %s=%g: %s", ckpt, key, length, metrics)
+    rows.sort(key=lambda r: r[key])
+    _write_table(rows, outdir / "ema_sweep")
+    _plot_sweep(rows, key, None, outdir / "fid_vs_ema.png")
+    return rows, key
+
+
+def _write_table(rows: list[dict], stem: Path) -> None:
+    """``<stem>.csv`` and a Markdown ``<stem>.md`` (per-run metrics, plus FID's min / mean / max
+    over seed ranges when repeated)."""
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    # the table: per-run metrics, plus FID's min / mean / max over seed ranges when repeated
     spread = {f"{k}_{s}" for k in rows[0] for s in ("min", "mean", "max") if f"{k}_min" in rows[0]}
     keys = [k for k in rows[0] if k not in spread or k.startswith("fid_")]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
-    (outdir / "nfe_sweep.md").write_text("\n".join(lines) + "\n")
-    _plot_sweep(rows, outdir / "fid_vs_nfe.png")
-    return rows
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _plot_sweep(rows: list[dict], path: Path) -> None:
+def _plot_sweep(rows: list[dict], x: str, series: str | None, path: Path) -> None:
+    """FID against ``x`` on log-log axes, one line per value of ``series``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    for name in dict.fromkeys(r["sampler"] for r in rows):
-        pts = [(r["nfe"], r["fid"]) for r in rows if r["sampler"] == name]
+    for name in dict.fromkeys(r[series] if series else None for r in rows):
+        pts = [(r[x], r["fid"]) for r in rows if series is None or r[series] == name]
         ax.plot(*zip(*pts, strict=True), marker="o", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("NFE")
+    ax.set_xlabel("NFE" if x == "nfe" else x)
     ax.set_ylabel("FID")
-    ax.legend()
+    if series:
+        ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

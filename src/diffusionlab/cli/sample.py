@@ -1,4 +1,5 @@
-"""``python sample.py ckpt=...``: PNG per seed, a grid and optionally one npz (EDM generate.py)."""
+"""``python sample.py ckpt=...``: PNG per seed, a grid and optionally one npz (EDM generate.py);
+the grid also goes to a W&B run attached to the checkpoint's training run."""
 
 from __future__ import annotations
 
@@ -16,13 +17,27 @@ from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import load_module, module_generator, pick_device
 from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.protocol import parse_seeds
+from diffusionlab.evaluation.wandb_runs import start_wandb_run
 from diffusionlab.training.images import save_samples_png
+from diffusionlab.training.loggers import finish_wandb_run
 
 log = logging.getLogger(__name__)
 
 
 def sample(cfg: DictConfig) -> Path:
-    """Generate one image per seed into ``cfg.outdir``; returns the output directory."""
+    """Generate one image per seed into ``cfg.outdir``; returns the output directory. The grid is
+    logged as ``samples/grid`` to a W&B run (job type sample), finished when this returns."""
+    with finish_wandb_run():
+        run = start_wandb_run(cfg, [str(cfg.ckpt)] if cfg.ckpt else [])
+        outdir = _sample(cfg)
+        if cfg.grid:
+            import wandb
+
+            run.log({"samples/grid": wandb.Image(str(outdir / "grid.png"))})
+    return outdir
+
+
+def _sample(cfg: DictConfig) -> Path:
     device = pick_device(cfg.device)
     module = load_module(cfg.ckpt, device)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)

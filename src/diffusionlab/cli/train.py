@@ -16,8 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
+from diffusionlab.training.loggers import finish_wandb_run
 from diffusionlab.training.module import DiffusionModule
 from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
+from diffusionlab.training.run_identity import run_config
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,13 @@ def check_fits(module: DiffusionModule, shape: tuple[int, ...]) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train from a composed config; returns the final logged metrics."""
+    """Train from a composed config; returns the final logged metrics. The W&B run (if any) is
+    finished when training ends or fails, so each job of a multirun gets its own."""
+    with finish_wandb_run():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     try:
@@ -106,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     except (ConfigError, InstantiationException) as e:
         raise SystemExit(f"error: {_root_message(e)}") from None
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(run_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

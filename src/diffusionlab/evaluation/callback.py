@@ -1,4 +1,4 @@
-"""FID (and friends) of the EMA weights every N training steps, logged as ``val/<metric>``."""
+"""FID (and friends) of the EMA weights every N training steps, logged as ``eval/<metric>``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class FIDCallback(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training when ``at_end``),
     sample ``num_samples`` images from seeds ``seed ..`` with the EMA denoiser and ``sampler``
     (``name``, ``nfe``, ``discretization``, ``options``), score them against the training data
-    and log ``val/fid`` etc. to every logger. Work is shared over DDP processes.
+    and log ``eval/fid`` etc. to every logger. Work is shared over DDP processes.
 
     ``dataset`` is the dataset config's ``_target_`` (it names the cache entries); the domain
     extractor is trained on first use (``extractor_steps`` steps) and cached in ``cache_dir``.
@@ -104,7 +104,7 @@ class FIDCallback(L.Callback):
         metrics, seconds = self.evaluate(trainer, pl_module)
         self.last = metrics
         for key, value in metrics.items():
-            pl_module.log(f"val/{key}", value, on_step=True, on_epoch=False, sync_dist=False)
+            pl_module.log(f"eval/{key}", value, on_step=True, on_epoch=False, sync_dist=False)
         if trainer.is_global_zero:
             log.info("step %d: %s (%.1fs)", trainer.global_step, metrics, seconds)
 
@@ -120,5 +120,5 @@ class FIDCallback(L.Callback):
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     logger.log_metrics(
-                        {f"val/{k}": v for k, v in metrics.items()}, trainer.global_step
+                        {f"eval/{k}": v for k, v in metrics.items()}, trainer.global_step
                     )

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
+
+from diffusionlab.training.run_identity import NAME_EXCLUDE, hydra_config, run_group, run_name
 
 
 def wandb_is_logged_in() -> bool:
@@ -27,9 +32,42 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def wandb_logger(
-    save_dir: str, project: str = "diffusionlab", mode: str = "auto", **kwargs
+    save_dir: str,
+    project: str = "diffusionlab",
+    mode: str = "auto",
+    name: str | None = None,
+    group: str | None = None,
+    name_exclude: Sequence[str] = NAME_EXCLUDE,
+    **kwargs,
 ) -> WandbLogger:
     """A ``WandbLogger`` whose mode follows ``resolve_wandb_mode`` (never ``offline=True``, which
-    would override ``WANDB_MODE=disabled``)."""
+    would override ``WANDB_MODE=disabled``). ``name`` / ``group`` left empty come from Hydra:
+    the job's overrides (without ``name_exclude`` keys) and the sweep's directory name."""
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(save_dir=save_dir, project=project, mode=resolve_wandb_mode(mode), **kwargs)
+    hydra = hydra_config()
+    return WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        mode=resolve_wandb_mode(mode),
+        name=name or run_name(hydra, name_exclude),
+        group=group or run_group(hydra, fallback=save_dir),
+        **kwargs,
+    )
+
+
+@contextmanager
+def finish_wandb_run() -> Iterator[None]:
+    """Finish this process's W&B run when the block ends (exit code 1 on an error), so the next
+    job of a Hydra multirun starts its own run instead of reusing this one."""
+    try:
+        yield
+    except BaseException:
+        _finish(exit_code=1)
+        raise
+    _finish(exit_code=0)
+
+
+def _finish(exit_code: int) -> None:
+    wandb = sys.modules.get("wandb")  # never imported: no run to finish
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)

@@ -44,7 +44,8 @@ class DiffusionModule(L.LightningModule):
         sampler: dict | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # the app logs the whole run config; these hparams only rebuild the module from checkpoints
+        self.save_hyperparameters(logger=False)
         self.schedule = instantiate(schedule)
         net = instantiate(model)
         self.denoiser = Denoiser(net, instantiate(parameterization)(schedule=self.schedule))
@@ -147,7 +148,7 @@ class DiffusionModule(L.LightningModule):
         )
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
 
     # ------------------------------------------------------------------ sampling
