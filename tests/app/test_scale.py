@@ -133,3 +133,11 @@ def test_sample_grid_runs_once_per_step_with_accumulation(tmp_path, monkeypatch)
     overrides = [*_overrides(tmp_path), "data.batch_per_device=4"]
     train(compose_train([*overrides, "callbacks.sample_grid.every_n_steps=1"], tmp_path))
     assert calls == [1, 2, 3, 3]  # every step, then at the end
+
+
+def test_setting_accumulate_grad_batches_is_a_config_error(tmp_path):
+    cfg = compose_train([*_overrides(tmp_path), "+trainer.accumulate_grad_batches=2"], tmp_path)
+    with pytest.raises(
+        SystemExit, match="trainer.accumulate_grad_batches .* data.batch_per_device"
+    ):
+        train(cfg)
