@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from diffusionlab.cli.train import train
+from diffusionlab.training.callbacks import SampleGrid
 
 from .helpers import ROOT, compose_train, fast_overrides, run_app
 
@@ -123,4 +124,20 @@ def test_a_different_seed_gives_different_weights(tmp_path, single):
 def test_global_batch_not_divisible_by_world_size_is_a_config_error(tmp_path):
     cfg = compose_train([*_overrides(tmp_path), "trainer=ddp_cpu", "data.batch_size=15"], tmp_path)
     with pytest.raises(SystemExit, match=r"data.batch_size=15 .* world size 2"):
+        train(cfg)
+
+
+def test_sample_grid_runs_once_per_step_with_accumulation(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(SampleGrid, "_sample", lambda self, t, m: calls.append(t.global_step))
+    overrides = [*_overrides(tmp_path), "data.batch_per_device=4"]
+    train(compose_train([*overrides, "callbacks.sample_grid.every_n_steps=1"], tmp_path))
+    assert calls == [1, 2, 3, 3]  # every step, then at the end
+
+
+def test_setting_accumulate_grad_batches_is_a_config_error(tmp_path):
+    cfg = compose_train([*_overrides(tmp_path), "+trainer.accumulate_grad_batches=2"], tmp_path)
+    with pytest.raises(
+        SystemExit, match="trainer.accumulate_grad_batches .* data.batch_per_device"
+    ):
         train(cfg)

@@ -109,6 +109,8 @@ class FIDCallback(L.Callback):
             log.info("step %d: %s (%.1fs)", trainer.global_step, metrics, seconds)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the step is not complete
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
             self._run(trainer, pl_module)

@@ -62,6 +62,8 @@ class SampleGrid(L.Callback):
             log_image(logger, "samples/grid", path, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: the step is not complete
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
             self._sample(trainer, pl_module)
