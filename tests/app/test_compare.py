@@ -40,7 +40,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """2 learning rates x 2 EMA decays, 3 steps each, with the FID callback at the last step."""
+    """docs/sweeps.md's sweep, 3 steps a job: 2 learning rates x 2 EMA decays, FID at the end."""
     tmp = tmp_path_factory.mktemp("compare")
     args = ["-m", *fast_overrides(tmp), "callbacks.sample_grid.n=16", "~callbacks.model_checkpoint"]
     args += [
@@ -52,8 +52,8 @@ def sweep(tmp_path_factory) -> Path:
         f"paths.cache_dir={tmp / 'cache'}",
         "label_dim=10",
         f"hydra.sweep.dir={tmp / 'sweep'}",
-        "optimizer.lr=1e-3,2e-3",
-        "ema.decay=0.9,0.99",
+        "optimizer.lr=1e-3,3e-3",
+        "ema.decay=0.99,0.999",
     ]
     result = run_app("train.py", args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -75,10 +75,10 @@ def test_compare_writes_table_and_figures_of_a_four_job_sweep(sweep, tmp_path):
         "val/kid_mean",
     ]
     assert [(r["job"], r["optimizer.lr"], r["ema.decay"]) for r in rows] == [
-        ("0", "0.001", "0.9"),
-        ("1", "0.001", "0.99"),
-        ("2", "0.002", "0.9"),
-        ("3", "0.002", "0.99"),
+        ("0", "0.001", "0.99"),
+        ("1", "0.001", "0.999"),
+        ("2", "0.003", "0.99"),
+        ("3", "0.003", "0.999"),
     ]
     for row in rows:
         logged = _read_csv(sweep / row["job"] / "metrics.csv")

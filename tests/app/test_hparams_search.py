@@ -63,6 +63,43 @@ def test_toy2d_optuna_search_writes_best_params(tmp_path):
     assert f"model.hidden_dim={best['best_params']['model.hidden_dim']}" in overrides
 
 
+def test_mnist_optuna_search_optimises_the_fid_callback_metric(tmp_path):
+    """Two tiny trials of the MNIST preset: each returns the val/fid its FID callback logged."""
+    sweep = tmp_path / "search"
+    args = [
+        "hparams_search=mnist_optuna",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "hydra.sweeper.n_trials=2",
+        "data.batch_size=16",
+        "callbacks.fid.num_samples=20",
+        "callbacks.fid.extractor_steps=10",
+        "callbacks.fid.metrics=[fid]",
+        "logger=csv",
+        "~callbacks.rich_progress_bar",
+        "~callbacks.model_checkpoint",
+        "callbacks.sample_grid.n=4",
+        "callbacks.sample_grid.every_n_steps=0",
+        "sampler.nfe=3",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    result = run_app("train.py", args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {
+        "optimizer.lr",
+        "ema.halflife_kimg",
+        "parameterization.sigma_data",
+    }
+    fids = []
+    for job in ("0", "1"):
+        with open(sweep / job / "metrics.csv") as f:
+            fids += [float(r["val/fid"]) for r in csv.DictReader(f) if r.get("val/fid")]
+    assert len(fids) == 2 and best["best_value"] == pytest.approx(min(fids), rel=1e-6)
+
+
 def test_mnist_optuna_preset_searches_lr_ema_sigma_data_on_fid():
     cfg = _compose(["hparams_search=mnist_optuna"])
     assert cfg.optimized_metric == "val/fid"

@@ -76,8 +76,8 @@ def test_slurm_launcher_follows_the_default_trainer(monkeypatch, tmp_path):
     assert not any(line.startswith("#SBATCH --partition") for line in sbatch.splitlines())
 
 
-@pytest.mark.slow
 def test_local_launcher_runs_a_two_job_sweep(tmp_path):
+    """Two submitit processes in parallel (about 20 s on 2 CPU cores)."""
     sweep = tmp_path / "sweep"
     args = ["-m", *fast_overrides(tmp_path, callbacks=False), "trainer.max_steps=2"]
     args += ["hydra/launcher=local", f"hydra.sweep.dir={sweep}", "optimizer.lr=1e-3,2e-3"]

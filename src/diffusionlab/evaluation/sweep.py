@@ -45,7 +45,9 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def read_metrics(path: Path, loss_key: str) -> tuple[dict[str, float], int | None, list]:
+def read_metrics(
+    path: Path, loss_key: str
+) -> tuple[dict[str, float], int | None, list[tuple[int, float]]]:
     """Last logged value of every column of a CSV-logger file, its last step, and the loss curve."""
     final: dict[str, float] = {}
     curve: list[tuple[int, float]] = []
