@@ -71,8 +71,8 @@ def test_compare_writes_table_and_figures_of_a_four_job_sweep(sweep, tmp_path):
         "ema.decay",
         "step",
         "train/loss",
-        "val/fid",
-        "val/kid_mean",
+        "eval/fid",
+        "eval/kid_mean",
     ]
     assert [(r["job"], r["optimizer.lr"], r["ema.decay"]) for r in rows] == [
         ("0", "0.001", "0.99"),
@@ -83,9 +83,9 @@ def test_compare_writes_table_and_figures_of_a_four_job_sweep(sweep, tmp_path):
     for row in rows:
         logged = _read_csv(sweep / row["job"] / "metrics.csv")
         last_loss = [r["train/loss"] for r in logged if r["train/loss"]][-1]
-        fids = [r["val/fid"] for r in logged if r["val/fid"]]
-        assert row["train/loss"] == last_loss and len(fids) == 1 and row["val/fid"] == fids[0]
-        assert float(row["val/fid"]) > 0 and row["step"] == "2"  # the last logged step
+        fids = [r["eval/fid"] for r in logged if r["eval/fid"]]
+        assert row["train/loss"] == last_loss and len(fids) == 1 and row["eval/fid"] == fids[0]
+        assert float(row["eval/fid"]) > 0 and row["step"] == "2"  # the last logged step
     md = (out / "compare.md").read_text().splitlines()
     table = [line for line in md if line.startswith("| ")]
     assert len(table) == 5 and table[0].startswith("| job | optimizer.lr | ema.decay |")

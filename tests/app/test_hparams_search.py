@@ -64,7 +64,7 @@ def test_toy2d_optuna_search_writes_best_params(tmp_path):
 
 
 def test_mnist_optuna_search_optimises_the_fid_callback_metric(tmp_path):
-    """Two tiny trials of the MNIST preset: each returns the val/fid its FID callback logged."""
+    """Two tiny trials of the MNIST preset: each returns the eval/fid its FID callback logged."""
     sweep = tmp_path / "search"
     args = [
         "hparams_search=mnist_optuna",
@@ -96,13 +96,13 @@ def test_mnist_optuna_search_optimises_the_fid_callback_metric(tmp_path):
     fids = []
     for job in ("0", "1"):
         with open(sweep / job / "metrics.csv") as f:
-            fids += [float(r["val/fid"]) for r in csv.DictReader(f) if r.get("val/fid")]
+            fids += [float(r["eval/fid"]) for r in csv.DictReader(f) if r.get("eval/fid")]
     assert len(fids) == 2 and best["best_value"] == pytest.approx(min(fids), rel=1e-6)
 
 
 def test_mnist_optuna_preset_searches_lr_ema_sigma_data_on_fid():
     cfg = _compose(["hparams_search=mnist_optuna"])
-    assert cfg.optimized_metric == "val/fid"
+    assert cfg.optimized_metric == "eval/fid"
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.mode == RunMode.MULTIRUN
     assert set(cfg.hydra.sweeper.params) == {
@@ -112,7 +112,7 @@ def test_mnist_optuna_preset_searches_lr_ema_sigma_data_on_fid():
     }
     assert cfg.ema.halflife_kimg > 0  # the searched keys exist in the composed config
     assert cfg.parameterization.sigma_data == 0.5
-    # FID once, at the last step, so train() returns it as val/fid
+    # FID once, at the last step, so train() returns it as eval/fid
     assert cfg.callbacks.fid.every_n_steps == cfg.trainer.max_steps == 2000
     cfg = _compose(["hparams_search=mnist_optuna", "experiment=edm_mnist"])
     assert cfg.callbacks.fid.every_n_steps == cfg.trainer.max_steps == 20000
@@ -121,10 +121,10 @@ def test_mnist_optuna_preset_searches_lr_ema_sigma_data_on_fid():
 def test_search_sweeper_gets_a_clear_error_for_a_metric_never_logged(monkeypatch):
     hc = HydraConfig.instance()
     monkeypatch.setattr(hc, "cfg", None)  # restored after the test
-    hc.set_config(_compose(["hparams_search=toy2d_optuna", "optimized_metric=val/fid"]))
+    hc.set_config(_compose(["hparams_search=toy2d_optuna", "optimized_metric=eval/fid"]))
     assert optimized_value({"train/loss": 0.25}, "train/loss") == 0.25
-    with pytest.raises(ConfigError, match=r"optimized_metric='val/fid' was not logged.*train/loss"):
-        optimized_value({"train/loss": 0.25}, "val/fid")
+    with pytest.raises(ConfigError, match=r"optimized_metric='eval/fid' was not logged.*train/loss"):
+        optimized_value({"train/loss": 0.25}, "eval/fid")
     # a grid sweep (basic sweeper) or a single run only passes the value on
     hc.set_config(_compose(["hydra.mode=MULTIRUN"]))
-    assert optimized_value({"train/loss": 0.25}, "val/fid") is None
+    assert optimized_value({"train/loss": 0.25}, "eval/fid") is None

@@ -30,6 +30,6 @@ def test_wandb_sweep_command_passes_hydra_overrides():
         assert OmegaConf.select(cfg, key, throw_on_missing=True) == value, key
     # the metric W&B optimises is the one the FID callback logs and the Optuna preset optimises
     preset = yaml.safe_load((ROOT / "conf" / "hparams_search" / "mnist_optuna.yaml").read_text())
-    assert spec["metric"]["name"] == preset["optimized_metric"] == "val/fid"
+    assert spec["metric"]["name"] == preset["optimized_metric"] == "eval/fid"
     assert cfg.callbacks.fid.every_n_steps == cfg.trainer.max_steps
     assert set(spec["parameters"]) == set(preset["hydra"]["sweeper"]["params"])

@@ -24,6 +24,6 @@ def optimized_value(metrics: dict[str, float], name: str | None) -> float | None
         raise ConfigError(
             f"optimized_metric={name!r} was not logged by this run (logged: "
             f"{', '.join(sorted(metrics)) or 'nothing'}); pick one of those or add the callback "
-            "that logs it (val/fid: +eval@callbacks.fid=fid_callback)"
+            "that logs it (eval/fid: +eval@callbacks.fid=fid_callback)"
         )
     return None
