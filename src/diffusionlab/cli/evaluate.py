@@ -14,6 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import IMAGE_SUFFIXES
 from diffusionlab.diffusion.likelihood import image_bits_per_dim
@@ -45,7 +47,7 @@ def dataset_config(cfg: DictConfig) -> DictConfig:
 
 def load_images(folder: str, resolution: int) -> torch.Tensor:
     """Every image in ``folder`` as uint8 RGB [N, 3, H, W] (sorted by name)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     root = Path(folder).expanduser()
     files = (
@@ -57,9 +59,20 @@ def load_images(folder: str, resolution: int) -> torch.Tensor:
         raise ConfigError(
             f"images={folder!r} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})"
         )
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files]
-    if any(a.shape[:2] != (resolution, resolution) for a in arrays):
-        raise ConfigError(f"images={folder!r}: every image must be {resolution}x{resolution}")
+    arrays = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ConfigError(
+                f"images={folder!r}: {p.name!r} is not a readable image ({e})"
+            ) from None
+        if arrays[-1].shape[:2] != (resolution, resolution):
+            raise ConfigError(
+                f"images={folder!r}: {p.name!r} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]}; "
+                f"every image must be {resolution}x{resolution}"
+            )
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -67,7 +80,18 @@ def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation described by ``cfg``; writes ``metrics.json`` to the run directory."""
     if bool(cfg.ckpt) == bool(cfg.images):
         raise ConfigError("pass exactly one of ckpt=... or images=...")
+    for key in ("eval.num_samples", "eval.repeats", "eval.batch_size"):
+        number(cfg, key, int, at_least=1)
+    number(cfg, "guidance")
+    sampler_numbers(cfg)
     device = pick_device(cfg.device)
+    module = load_module(cfg.ckpt, device) if cfg.ckpt else None
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if module is not None:
+        check_sampler(sampler, module.schedule)
+        for name in cfg.sweep.samplers:
+            for nfe in cfg.sweep.nfe:
+                check_sampler({"name": name, "nfe": nfe}, module.schedule, "sweep.samplers")
     dcfg = dataset_config(cfg)
     data = instantiate(dcfg)
     e = cfg.eval
@@ -90,8 +114,6 @@ def evaluate(cfg: DictConfig) -> dict:
         result["images"] = str(cfg.images)
         result["metrics"] = evaluator.score_images(images)
     else:
-        module = load_module(cfg.ckpt, device)
-        sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
         ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
         gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
         result.update(ckpt=str(cfg.ckpt), sampler=sampler, num_samples=int(e.num_samples))
@@ -194,11 +216,14 @@ def bits_per_dim(cfg: DictConfig, module, data, split: str) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        return evaluate(cfg)["metrics"].get("fid")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+@user_errors_exit
+def app(cfg: DictConfig) -> float | None:
+    return evaluate(cfg)["metrics"].get("fid")
+
+
+def main() -> None:
+    """``evaluate.py`` / ``dl-evaluate``: user errors end as one ``error: ...`` line."""
+    run_cli(app)
 
 
 if __name__ == "__main__":

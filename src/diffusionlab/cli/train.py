@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
+from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
+from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,31 @@ def _container(cfg: DictConfig | None) -> dict | None:
     return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
 
 
+def check_numbers(cfg: DictConfig) -> None:
+    """Values a user can get wrong, checked before anything is built."""
+    number(cfg, "optimizer.lr", above=0, optional=True)
+    number(cfg, "data.batch_size", int, at_least=1)
+    number(cfg, "trainer.max_steps", int, at_least=-1)
+    number(cfg, "lr_warmup_steps", int, at_least=0)
+    number(cfg, "label_dim", int, at_least=0)
+    sampler_numbers(cfg)
+    try:
+        for group in ("model", "dataset"):
+            OmegaConf.to_container(cfg[group], resolve=True)
+    except InterpolationResolutionError as e:
+        raise ConfigError(
+            f"model={cfg.model._target_} does not fit dataset={cfg.dataset._target_} "
+            f"({str(e).splitlines()[0]}); "
+            "2-D datasets (dataset=toy2d) take model=mlp, image datasets an image network"
+        ) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: a value is required (e.g. {missing[0]}=...)")
+
+
 def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
     """Build data and model from the config and check they fit, before any training."""
+    check_numbers(cfg)
     datamodule = DiffusionDataModule(instantiate(cfg.dataset, _partial_=True), **cfg.data)
     dataset = datamodule.dataset
     label_dim = int(cfg.label_dim)
@@ -52,6 +77,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         sampler=_container(cfg.sampler),
     )
     check_fits(module, dataset.shape)
+    check_sampler(module.hparams.sampler or {}, module.schedule)
     return module, datamodule
 
 
@@ -78,37 +104,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train from a composed config; returns the final logged metrics."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
-    try:
-        module, datamodule = build(cfg)
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    except (ConfigError, InstantiationException) as e:
-        raise SystemExit(f"error: {_root_message(e)}") from None
+    module, datamodule = build(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        check_resumable(ckpt_path, "ckpt_path", module.hparams)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise SystemExit(f"error: ckpt_path={ckpt_path!r} does not exist")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def _root_message(e: BaseException) -> str:
-    """The innermost user-facing message of an (instantiation) error chain."""
-    cause = e
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(e, InstantiationException) and cause is not e:
-        key = getattr(e, "full_key", None) or str(e).split("full_key:")[-1].strip()
-        return f"{cause} (config key: {key})"
-    return str(cause)
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+@user_errors_exit
+def app(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", "train/loss"))
+
+
+def main() -> None:
+    """``train.py`` / ``dl-train``: user errors end as one ``error: ...`` line."""
+    run_cli(app)
 
 
 if __name__ == "__main__":
