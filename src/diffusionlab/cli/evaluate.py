@@ -85,6 +85,7 @@ def evaluate(cfg: DictConfig) -> dict:
     number(cfg, "guidance")
     sampler_numbers(cfg)
     device = pick_device(cfg.device)
+    dcfg = dataset_config(cfg)
     module = load_module(cfg.ckpt, device) if cfg.ckpt else None
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     if module is not None:
@@ -92,7 +93,6 @@ def evaluate(cfg: DictConfig) -> dict:
         for name in cfg.sweep.samplers:
             for nfe in cfg.sweep.nfe:
                 check_sampler({"name": name, "nfe": nfe}, module.schedule, "sweep.samplers")
-    dcfg = dataset_config(cfg)
     data = instantiate(dcfg)
     e = cfg.eval
     evaluator = Evaluator(
