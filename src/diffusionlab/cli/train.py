@@ -19,6 +19,7 @@ from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.module import DiffusionModule
+from diffusionlab.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path:
         check_resumable(ckpt_path, "ckpt_path", module.hparams)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks += [NonFiniteGuard(number(cfg, "max_nonfinite_steps", int, at_least=1))]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
