@@ -25,8 +25,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     # Adam ran 4 real updates: skipped steps leave its step count and moments alone
     steps = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
     assert steps == {4.0}
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert all(
+        torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()
+    )
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     counts = [float(r["train/nonfinite_steps"]) for r in rows if r.get("train/nonfinite_steps")]
     assert counts == [0.0, 1.0, 1.0, 2.0, 2.0, 2.0]
 
@@ -50,7 +52,10 @@ def test_huge_learning_rate_ends_the_app_with_one_error_line(tmp_path, lr):
     res = run_app("train.py", args)
     assert res.returncode == 1, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 2 consecutive steps with a non-finite loss") and "Traceback" not in res.stderr
+    assert (
+        last.startswith("error: 2 consecutive steps with a non-finite loss")
+        and "Traceback" not in res.stderr
+    )
     for ckpt in tmp_path.rglob("*.ckpt"):
         state = torch.load(ckpt, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
