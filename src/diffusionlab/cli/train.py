@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -20,6 +21,7 @@ from diffusionlab.errors import ConfigError
 from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.module import DiffusionModule
 from diffusionlab.training.nonfinite import NonFiniteGuard
+from diffusionlab.training.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path:
         check_resumable(ckpt_path, "ckpt_path", module.hparams)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks += [NonFiniteGuard(number(cfg, "max_nonfinite_steps", int, at_least=1))]
+    callbacks += [
+        NonFiniteGuard(number(cfg, "max_nonfinite_steps", int, at_least=1)),
+        Preemption(Path(cfg.paths.output_dir) / "checkpoints"),
+    ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:
