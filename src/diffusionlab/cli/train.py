@@ -22,6 +22,7 @@ from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.module import DiffusionModule
 from diffusionlab.training.nonfinite import NonFiniteGuard
 from diffusionlab.training.preemption import Preemption
+from diffusionlab.training.secrets import redact, redact_files, redacted_argv, secret_values
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,10 @@ warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists 
 
 
 def _container(cfg: DictConfig | None) -> dict | None:
-    return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
+    """A resolved plain copy of a config group without secrets (it lands in the checkpoint)."""
+    return (
+        None if cfg is None else redact(OmegaConf.to_container(cfg, resolve=True), secret_values())
+    )
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -118,8 +122,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    secrets = secret_values(resolved)
+    redact_files(Path(cfg.paths.output_dir) / ".hydra", secrets)
+    with redacted_argv(secrets):
+        for logger in trainer.loggers:
+            logger.log_hyperparams(redact(resolved, secrets))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
