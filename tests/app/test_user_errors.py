@@ -113,7 +113,7 @@ def test_invalid_numbers_in_sample_and_evaluate(tmp_path, ckpt):
     assert "sampler.nfe=0 must be >= 1" in _sample_error(tmp_path, f"ckpt={ckpt}", "sampler.nfe=0")
     assert "batch_size=0 must be >= 1" in _sample_error(tmp_path, f"ckpt={ckpt}", "batch_size=0")
     cfg = _compose("evaluate", [f"ckpt={ckpt}", "eval.num_samples=0"], tmp_path)
-    assert "eval.num_samples=0 must be >= 1" in _message(evaluate, cfg)
+    assert "eval.num_samples=0 must be >= 2" in _message(evaluate, cfg)
     cfg = _compose(
         "evaluate",
         [f"ckpt={ckpt}", "dataset=digits", "sweep.samplers=[heun]", "sweep.nfe=[0]"],

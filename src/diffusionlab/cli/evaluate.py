@@ -28,6 +28,7 @@ from diffusionlab.evaluation.checkpoint import (
 )
 from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
 from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.reference import split_indices
 
@@ -80,8 +81,14 @@ def evaluate(cfg: DictConfig) -> dict:
     """Run the evaluation described by ``cfg``; writes ``metrics.json`` to the run directory."""
     if bool(cfg.ckpt) == bool(cfg.images):
         raise ConfigError("pass exactly one of ckpt=... or images=...")
-    for key in ("eval.num_samples", "eval.repeats", "eval.batch_size"):
+    number(cfg, "eval.num_samples", int, at_least=2)  # FID needs a covariance
+    for key in ("eval.repeats", "eval.batch_size"):
         number(cfg, key, int, at_least=1)
+    metrics = OmegaConf.to_container(cfg.eval, resolve=True).get("metrics")
+    if not isinstance(metrics, list) or not metrics or not set(metrics) <= set(METRICS):
+        raise ConfigError(f"eval.metrics={metrics!r} must be a list drawn from {list(METRICS)}")
+    if cfg.eval.split not in ("all", "train", "test"):
+        raise ConfigError(f"eval.split={cfg.eval.split!r} must be all, train or test")
     number(cfg, "guidance")
     sampler_numbers(cfg)
     device = pick_device(cfg.device)

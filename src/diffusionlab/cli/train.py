@@ -40,7 +40,8 @@ def _container(cfg: DictConfig | None) -> dict | None:
 
 def check_numbers(cfg: DictConfig) -> None:
     """Values a user can get wrong, checked before anything is built."""
-    number(cfg, "optimizer.lr", above=0, optional=True)
+    if "lr" in (cfg.get("optimizer") or {}):
+        number(cfg, "optimizer.lr", above=0)
     number(cfg, "data.batch_size", int, at_least=1)
     number(cfg, "trainer.max_steps", int, at_least=-1)
     number(cfg, "lr_warmup_steps", int, at_least=0)
@@ -64,7 +65,15 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
     """Build data and model from the config and check they fit, before any training."""
     check_numbers(cfg)
     datamodule = DiffusionDataModule(instantiate(cfg.dataset, _partial_=True), **cfg.data)
-    dataset = datamodule.dataset
+    try:
+        dataset = datamodule.dataset
+    except (RuntimeError, ValueError, TypeError, OSError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"dataset={cfg.dataset._target_} cannot be built from dataset.* "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     label_dim = int(cfg.label_dim)
     if label_dim and label_dim != dataset.num_classes:
         raise ConfigError(
@@ -109,7 +118,7 @@ def check_fits(module: DiffusionModule, shape: tuple[int, ...]) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train from a composed config; returns the final logged metrics."""
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(number(cfg, "seed", int, at_least=0), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     module, datamodule = build(cfg)
     ckpt_path = cfg.get("ckpt_path")
