@@ -55,3 +55,49 @@ def test_signal_saves_last_ckpt_exits_zero_and_resumes(tmp_path, sig):
     resumed = [*fast_overrides(tmp_path), f"trainer.max_steps={step + 2}"]
     train(compose_train([*resumed, f"ckpt_path={ckpts / 'last.ckpt'}"], tmp_path / "b"))
     assert read_checkpoint(tmp_path / "b/checkpoints/last.ckpt", "c")["global_step"] == step + 2
+
+
+SLURM_ENV = {
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NODELIST": "127.0.0.1",
+    "SLURM_NODEID": "0",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+}
+
+
+def test_slurm_requeue_signal_writes_hpc_checkpoint_and_requeued_job_resumes(tmp_path):
+    """Simulated SLURM job (no scontrol here, so the requeue call itself fails): SIGUSR1 goes to
+    Lightning's auto-requeue handler, which writes hpc_ckpt_1.ckpt in the run directory; SIGTERM
+    then saves last.ckpt and exits 0; the requeued job, run again in the same directory, resumes
+    from the hpc checkpoint by itself."""
+    run = tmp_path / "run"
+    proc = _start(tmp_path, SLURM_ENV)
+    _wait_for(run / "checkpoints" / "step_000002.ckpt", proc)
+    proc.send_signal(signal.SIGUSR1)
+    _wait_for(run / "hpc_ckpt_1.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved" in out and "Traceback" not in out
+    hpc_step = read_checkpoint(run / "hpc_ckpt_1.ckpt", "ckpt")["global_step"]
+    assert hpc_step >= 2
+
+    args = [*fast_overrides(tmp_path), f"trainer.max_steps={hpc_step + 2}", f"hydra.run.dir={run}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **SLURM_ENV}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {run / 'hpc_ckpt_1.ckpt'}" in res.stderr
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt", "ckpt")
+    assert last["global_step"] == hpc_step + 2
+    assert not list(run.rglob("last-v*.ckpt"))
