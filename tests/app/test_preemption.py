@@ -17,8 +17,12 @@ from diffusionlab.training.checkpoint_io import read_checkpoint
 from .helpers import ROOT, compose_train, fast_overrides
 
 
-def _start(tmp_path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    args = [*fast_overrides(tmp_path), "trainer.max_steps=100000", f"hydra.run.dir={tmp_path}/run"]
+def _start(tmp_path, extra_env: dict[str, str] | None = None, run_dir: str = "run"):
+    args = [
+        *fast_overrides(tmp_path),
+        "trainer.max_steps=100000",
+        f"hydra.run.dir={tmp_path}/{run_dir}",
+    ]
     args += ["callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_time=null"]
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(extra_env or {})}
     return subprocess.Popen(
@@ -74,8 +78,9 @@ def test_slurm_requeue_signal_writes_hpc_checkpoint_and_requeued_job_resumes(tmp
     Lightning's auto-requeue handler, which writes hpc_ckpt_1.ckpt in the run directory; SIGTERM
     then saves last.ckpt and exits 0; the requeued job, run again in the same directory, resumes
     from the hpc checkpoint by itself."""
-    run = tmp_path / "run"
-    proc = _start(tmp_path, SLURM_ENV)
+    run_dir = "slurm_${oc.env:SLURM_JOB_ID}"  # the same directory for the requeued job
+    run = tmp_path / "slurm_4242"
+    proc = _start(tmp_path, SLURM_ENV, run_dir)
     _wait_for(run / "checkpoints" / "step_000002.ckpt", proc)
     proc.send_signal(signal.SIGUSR1)
     _wait_for(run / "hpc_ckpt_1.ckpt", proc)
@@ -86,7 +91,8 @@ def test_slurm_requeue_signal_writes_hpc_checkpoint_and_requeued_job_resumes(tmp
     hpc_step = read_checkpoint(run / "hpc_ckpt_1.ckpt", "ckpt")["global_step"]
     assert hpc_step >= 2
 
-    args = [*fast_overrides(tmp_path), f"trainer.max_steps={hpc_step + 2}", f"hydra.run.dir={run}"]
+    args = [*fast_overrides(tmp_path), f"trainer.max_steps={hpc_step + 2}"]
+    args.append(f"hydra.run.dir={tmp_path}/{run_dir}")
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **SLURM_ENV}
     res = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
