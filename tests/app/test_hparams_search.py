@@ -123,7 +123,9 @@ def test_search_sweeper_gets_a_clear_error_for_a_metric_never_logged(monkeypatch
     monkeypatch.setattr(hc, "cfg", None)  # restored after the test
     hc.set_config(_compose(["hparams_search=toy2d_optuna", "optimized_metric=eval/fid"]))
     assert optimized_value({"train/loss": 0.25}, "train/loss") == 0.25
-    with pytest.raises(ConfigError, match=r"optimized_metric='eval/fid' was not logged.*train/loss"):
+    with pytest.raises(
+        ConfigError, match=r"optimized_metric='eval/fid' was not logged.*train/loss"
+    ):
         optimized_value({"train/loss": 0.25}, "eval/fid")
     # a grid sweep (basic sweeper) or a single run only passes the value on
     hc.set_config(_compose(["hydra.mode=MULTIRUN"]))

@@ -17,6 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import IMAGE_SUFFIXES
 from diffusionlab.diffusion.likelihood import image_bits_per_dim
@@ -29,6 +31,7 @@ from diffusionlab.evaluation.checkpoint import (
 )
 from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
 from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.reference import split_indices
 from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
@@ -51,7 +54,7 @@ def dataset_config(cfg: DictConfig) -> DictConfig:
 
 def load_images(folder: str, resolution: int) -> torch.Tensor:
     """Every image in ``folder`` as uint8 RGB [N, 3, H, W] (sorted by name)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     root = Path(folder).expanduser()
     files = (
@@ -63,9 +66,20 @@ def load_images(folder: str, resolution: int) -> torch.Tensor:
         raise ConfigError(
             f"images={folder!r} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})"
         )
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files]
-    if any(a.shape[:2] != (resolution, resolution) for a in arrays):
-        raise ConfigError(f"images={folder!r}: every image must be {resolution}x{resolution}")
+    arrays = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                arrays.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ConfigError(
+                f"images={folder!r}: {p.name!r} is not a readable image ({e})"
+            ) from None
+        if arrays[-1].shape[:2] != (resolution, resolution):
+            raise ConfigError(
+                f"images={folder!r}: {p.name!r} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]}; "
+                f"every image must be {resolution}x{resolution}"
+            )
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -94,16 +108,36 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError("pass exactly one of ckpt=... or images=...")
     if len(ckpts) > 1 and (cfg.sweep.samplers or cfg.bpd.num_images):
         raise ConfigError("sweep.samplers and bpd.num_images need a single ckpt, not a list")
+    number(cfg, "eval.num_samples", int, at_least=2)  # FID needs a covariance
+    for key in ("eval.repeats", "eval.batch_size"):
+        number(cfg, key, int, at_least=1)
+    metrics = OmegaConf.to_container(cfg.eval, resolve=True).get("metrics")
+    if not isinstance(metrics, list) or not metrics or not set(metrics) <= set(METRICS):
+        raise ConfigError(f"eval.metrics={metrics!r} must be a list drawn from {list(METRICS)}")
+    if cfg.eval.split not in ("all", "train", "test"):
+        raise ConfigError(f"eval.split={cfg.eval.split!r} must be all, train or test")
+    number(cfg, "guidance")
+    sampler_numbers(cfg)
+    device = pick_device(cfg.device)
+    dcfg = dataset_config(cfg)
+    # a single checkpoint is read and checked before anything is logged
+    module = load_module(ckpts[0], device) if len(ckpts) == 1 else None
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if module is not None:
+        check_sampler(sampler, module.schedule)
+        for name in cfg.sweep.samplers:
+            for nfe in cfg.sweep.nfe:
+                check_sampler({"name": name, "nfe": nfe}, module.schedule, "sweep.samplers")
     with finish_wandb_run():
         run = start_wandb_run(cfg, ckpts)
-        result = _evaluate(cfg, ckpts, run)
+        result = _evaluate(cfg, dcfg, ckpts, module, sampler, device, run)
         run.log({f"eval/{k}": v for k, v in {**result["metrics"], **result.get("bpd", {})}.items()})
     return result
 
 
-def _evaluate(cfg: DictConfig, ckpts: list[str], run) -> dict:
-    device = pick_device(cfg.device)
-    dcfg = dataset_config(cfg)
+def _evaluate(
+    cfg: DictConfig, dcfg: DictConfig, ckpts: list[str], module, sampler: dict, device, run
+) -> dict:
     data = instantiate(dcfg)
     e = cfg.eval
     evaluator = Evaluator(
@@ -131,8 +165,6 @@ def _evaluate(cfg: DictConfig, ckpts: list[str], run) -> dict:
         result["metrics"] = {k: v for k, v in best.items() if k not in ("ckpt", x)}
         log_curve(run, "eval/ema_sweep", "eval/fid_vs_ema", rows, x, None)
     else:
-        module = load_module(ckpts[0], device)
-        sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
         ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
         gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
         result.update(ckpt=ckpts[0], sampler=sampler, num_samples=int(e.num_samples))
@@ -268,11 +300,14 @@ def bits_per_dim(cfg: DictConfig, module, data, split: str) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> float | None:
-    try:
-        return evaluate(cfg)["metrics"].get("fid")
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+@user_errors_exit
+def app(cfg: DictConfig) -> float | None:
+    return evaluate(cfg)["metrics"].get("fid")
+
+
+def main() -> None:
+    """``evaluate.py`` / ``dl-evaluate``: user errors end as one ``error: ...`` line."""
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the grid also goes to a W&B run attached to the checkpoint's training run."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,6 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import load_module, module_generator, pick_device
@@ -25,11 +28,26 @@ log = logging.getLogger(__name__)
 
 
 def sample(cfg: DictConfig) -> Path:
-    """Generate one image per seed into ``cfg.outdir``; returns the output directory. The grid is
-    logged as ``samples/grid`` to a W&B run (job type sample), finished when this returns."""
+    """Generate one image per seed into ``cfg.outdir``; returns the output directory. Every
+    setting is checked first; the grid is then logged as ``samples/grid`` to a W&B run (job type
+    sample), finished when this returns."""
+    seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "n", int, at_least=1))
+    bs = number(cfg, "batch_size", int, at_least=1)
+    guidance = number(cfg, "guidance")
+    sampler_numbers(cfg)
+    device = pick_device(cfg.device)
+    module = load_module(cfg.ckpt, device)
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    check_sampler(sampler, module.schedule)
+    generator = module_generator(module, sampler, guidance, bool(cfg.use_ema))
+    class_label = number(cfg, "class_label", int, optional=True)
+    if class_label is not None and not 0 <= class_label < module.label_dim:
+        raise ConfigError(
+            f"class_label={cfg.class_label} but the model has label_dim={module.label_dim}"
+        )
     with finish_wandb_run():
-        run = start_wandb_run(cfg, [str(cfg.ckpt)] if cfg.ckpt else [])
-        outdir = _sample(cfg)
+        run = start_wandb_run(cfg, [str(cfg.ckpt)])
+        outdir = _sample(cfg, generator, seeds, bs)
         if cfg.grid:
             import wandb
 
@@ -37,22 +55,10 @@ def sample(cfg: DictConfig) -> Path:
     return outdir
 
 
-def _sample(cfg: DictConfig) -> Path:
-    device = pick_device(cfg.device)
-    module = load_module(cfg.ckpt, device)
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
-    generator = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
-    seeds = parse_seeds(
-        OmegaConf.to_object(cfg.seeds) if cfg.seeds is not None else None, int(cfg.n)
-    )
-    if cfg.class_label is not None and not 0 <= int(cfg.class_label) < module.label_dim:
-        raise ConfigError(
-            f"class_label={cfg.class_label} but the model has label_dim={module.label_dim}"
-        )
+def _sample(cfg: DictConfig, generator, seeds: list[int], bs: int) -> Path:
     outdir = Path(cfg.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     images, labels = [], []
-    bs = int(cfg.batch_size)
     for start in tqdm(range(0, len(seeds), bs), desc="sampling", unit="batch"):
         batch = seeds[start : start + bs]
         noise, lab, gen = generator.seeded_inputs(batch, cfg.class_label)
@@ -76,9 +82,17 @@ def _sample(cfg: DictConfig) -> Path:
             arrays["labels"] = torch.cat(labels).numpy()
         np.savez(outdir / "samples.npz", **arrays)
     log.info(
-        "%d samples (%s, nfe=%s) in %s", len(seeds), sampler.get("name"), sampler.get("nfe"), outdir
+        "%d samples (%s, nfe=%s) in %s",
+        len(seeds),
+        cfg.sampler.get("name"),
+        cfg.sampler.get("nfe"),
+        outdir,
     )
     return outdir
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _write_pngs(x: torch.Tensor, seeds: list[int], outdir: Path) -> None:
@@ -90,11 +104,26 @@ def _write_pngs(x: torch.Tensor, seeds: list[int], outdir: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+@user_errors_exit
+def app(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+def quote_seeds(argv: list[str]) -> list[str]:
+    """``seeds=0-9,20`` as the docs write it: quoted, so Hydra does not read it as a sweep
+    (left alone under ``-m``/``--multirun``, where a comma list is a sweep)."""
+    if "-m" in argv or "--multirun" in argv:
+        return argv
+    return [
+        f"seeds='{a[6:]}'" if a.startswith("seeds=") and "," in a and a[6:7] not in "['\"" else a
+        for a in argv
+    ]
+
+
+def main() -> None:
+    """``sample.py`` / ``dl-sample``: user errors end as one ``error: ...`` line."""
+    sys.argv = quote_seeds(sys.argv)
+    run_cli(app)
 
 
 if __name__ == "__main__":

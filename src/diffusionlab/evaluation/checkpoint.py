@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from diffusionlab.errors import ConfigError
+from diffusionlab.errors import CheckpointError, ConfigError
 from diffusionlab.evaluation.generator import DiffusionGenerator
+from diffusionlab.training.checkpoint_io import read_checkpoint
 from diffusionlab.training.module import DiffusionModule
 
 
@@ -21,12 +23,20 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
-    """The ``DiffusionModule`` stored in ``ckpt`` (eval mode, on ``device``)."""
+    """The ``DiffusionModule`` stored in ``ckpt`` (eval mode, on ``device``), read with
+    ``weights_only=True``; a file that does not hold the model its hparams describe is refused."""
     if not ckpt:
         raise ConfigError("ckpt=... is required (a Lightning checkpoint written by train.py)")
-    if not Path(ckpt).is_file():
-        raise ConfigError(f"ckpt={ckpt!r} does not exist")
-    module = DiffusionModule.load_from_checkpoint(ckpt, map_location=device, weights_only=False)
+    state = read_checkpoint(ckpt, "ckpt", map_location=device)
+    try:
+        module = DiffusionModule(**state["hyper_parameters"])
+        module.on_load_checkpoint(state)
+        module.load_state_dict(state["state_dict"])
+    except (TypeError, ValueError, RuntimeError, KeyError, InstantiationException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"ckpt={ckpt!r}: its weights do not fit the model its hyperparameters describe ({first})"
+        ) from None
     return module.eval().to(device)
 
 

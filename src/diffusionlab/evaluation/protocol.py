@@ -8,24 +8,47 @@ from collections.abc import Sequence
 import numpy as np
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.features import Features, generated_features
 from diffusionlab.evaluation.generator import DiffusionGenerator
 from diffusionlab.evaluation.metrics import METRICS, compute_metrics
 
+SEED_FORMS = "seeds=0-63, seeds=5, seeds=[0,1,2], seeds=[0-9,20] or seeds=0-9,20"
 
-def parse_seeds(spec: str | int | Sequence[int] | None, n: int) -> list[int]:
-    """Seeds from ``"0-63,100"`` (EDM's syntax), an int (one seed), a list, or None (0..n-1)."""
+
+def parse_seeds(spec: str | int | Sequence[int | str] | None, n: int) -> list[int]:
+    """Seeds from EDM's ``"0-63,100"`` syntax, an int, a list whose items are ints or ``"a-b"``
+    ranges, or None (``0 .. n-1``). Raises :class:`ConfigError` naming ``seeds`` (or ``n``)."""
     if spec is None:
+        if n < 1:
+            raise ConfigError(f"n={n} must be >= 1")
         return list(range(n))
-    if isinstance(spec, int):
-        return [spec]
-    if not isinstance(spec, str):
-        return [int(s) for s in spec]
+    parts = (
+        spec.split(",") if isinstance(spec, str) else spec if isinstance(spec, Sequence) else [spec]
+    )
     seeds: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    for part in parts:
+        seeds.extend(_seed_part(part, spec))
+    if not seeds:
+        raise ConfigError(f"seeds={spec!r} gives no seeds; use {SEED_FORMS}")
     return seeds
+
+
+def _seed_part(part: int | str, spec) -> list[int]:
+    """One item: an int ``5`` or an inclusive range ``"0-63"`` of non-negative seeds."""
+    if isinstance(part, bool) or not isinstance(part, int | str):
+        raise ConfigError(f"seeds={spec!r}: cannot read {part!r}; use {SEED_FORMS}")
+    if isinstance(part, int):
+        lo, hi = part, part
+    else:
+        text = part.strip()
+        lo_s, dash, hi_s = text.partition("-")
+        if not (lo_s.isdigit() and (hi_s.isdigit() if dash else True)):
+            raise ConfigError(f"seeds={spec!r}: cannot read {text!r}; use {SEED_FORMS}")
+        lo, hi = int(lo_s), int(hi_s) if dash else int(lo_s)
+    if lo < 0 or hi < lo:
+        raise ConfigError(f"seeds={spec!r}: {part!r} is not a range of seeds >= 0 (low-high)")
+    return list(range(lo, hi + 1))
 
 
 def seed_ranges(num_samples: int, repeats: int = 1, first_seed: int = 0) -> list[range]:

@@ -78,11 +78,6 @@ class DiffusionModule(L.LightningModule):
             self.denoiser, x0, class_labels=self.one_hot(labels), generator=generator
         )
         loss = per_sample.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.global_step}; lower optimizer.lr, "
-                "enable trainer.gradient_clip_val, or check the schedule/parameterization pair"
-            )
         self.log("train/loss", loss, prog_bar=True)
         if self._logging_step():
             self._log_buckets(per_sample.detach(), sigma.detach())
