@@ -51,7 +51,7 @@ def test_overhead_smoke():
 def test_throughput_smoke_counts_the_known_flops():
     args = ["--threads", "1", "--models", "unet_tiny", "--resolution", "16", "--channels", "1"]
     args += ["--batch", "64"]
-    res = run_bench("throughput", *args, "--steps", "2", "--warmup", "1")
+    res = run_bench("throughput", *args, "--steps", "1", "--warmup", "0")
     (row_fp32, row_bf16) = res["rows"]
     assert (row_fp32["precision"], row_bf16["precision"]) == ("32-true", "bf16-mixed")
     # unet_tiny at 16x16: 59 MFLOP forward per image, backward about twice that
