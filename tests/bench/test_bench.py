@@ -74,6 +74,16 @@ def test_throughput_smoke_unet_ddpmpp():
     assert res["rows"][0]["params_M"] == pytest.approx(55.732739)
 
 
+@pytest.mark.slow
+def test_throughput_smoke_compiled():
+    """docs/performance.md: bench/throughput.py ... --precisions 32-true bf16-mixed --compile"""
+    args = ["--threads", "1", "--models", "unet_tiny", "--resolution", "16", "--channels", "1"]
+    args += ["--batch", "64", "--precisions", "32-true", "bf16-mixed", "--compile"]
+    res = run_bench("throughput", *args, "--steps", "1", "--warmup", "1", timeout=1200)
+    compiled = [r for r in res["rows"] if r["compile"]]
+    assert [r["precision"] for r in compiled] == ["bf16-mixed"] and compiled[0]["images_per_s"] > 0
+
+
 def test_edm_compare_skips_without_a_checkout():
     res = run_bench("edm_compare", "--quick")
     assert res["skipped"] is True
