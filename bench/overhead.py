@@ -5,7 +5,7 @@
 Both sides train the same config (default: the default run, ``unet_tiny`` on 16x16 MNIST, batch
 64) from the same seed and time the same window of optimizer steps after a warm-up:
 
-- bare loop: ``module.loss_fn(module.denoiser, x0, one_hot(labels))``, mean, backward, gradient
+- bare loop: ``module.batch_loss(batch)`` (per-sample seeded sigma and noise), mean, backward, gradient
   clipping at ``trainer.gradient_clip_val``, the module's own optimizer + LambdaLR
   (``configure_optimizers``), ``ema_update`` with the module's EMA schedule, and the datamodule's
   own DataLoader; nothing else.
@@ -38,9 +38,8 @@ import lightning as L
 import torch
 import wandb
 from benchlib import compose_train, machine, markdown_table, sync, write_results
-from hydra.utils import instantiate
 
-from diffusionlab.cli.train import build
+from diffusionlab.cli.train import build, make_trainer
 from diffusionlab.training.ema import ema_update
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -91,13 +90,13 @@ def bare_loop(cfg, warmup: int, device: str) -> list[float]:
     bf16 = str(cfg.trainer.precision).startswith("bf16")
     steps, batch = int(cfg.trainer.max_steps), int(cfg.data.batch_size)
     marks = []
-    for step, (x0, labels) in zip(range(steps), cycle(loader), strict=False):
+    for step, (x0, labels, seeds) in zip(range(steps), cycle(loader), strict=False):
         if step >= warmup:
             sync(device)
             marks.append(CLOCK())
         x0, labels = x0.to(device), labels.to(device)
         with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
-            per_sample, _ = module.loss_fn(module.denoiser, x0, module.one_hot(labels))
+            per_sample, _ = module.batch_loss((x0, labels, seeds))
             loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,10 +114,8 @@ def lightning_fit(cfg, warmup: int, device: str) -> list[float]:
     """Step durations of ``trainer.fit`` as ``train.py`` builds it (after warm-up)."""
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule = build(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     clock = StepClock(device)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, clock], logger=loggers or False)
+    trainer = make_trainer(cfg, datamodule, [clock])
     trainer.fit(module, datamodule=datamodule)
     if wandb.run is not None:  # close the run so its service is idle during the next run
         wandb.finish()

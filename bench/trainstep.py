@@ -106,8 +106,12 @@ class OurStep:
         self.step_count = 0
 
     def loss(self) -> torch.Tensor:
+        """The training loss as ``training_step`` computes it: per-sample seeded sigma and noise
+        (new seeds every step, as the data stream gives them)."""
+        seeds = torch.arange(self.batch) + self.step_count * self.batch
+        labels = torch.zeros(self.batch, dtype=torch.long)  # unconditional: label_dim = 0
         with self.autocast():
-            per_sample, _ = self.module.loss_fn(self.module.denoiser, self.x0)
+            per_sample, _ = self.module.batch_loss((self.x0, labels, seeds))
             return per_sample.mean()
 
     def step(self) -> None:

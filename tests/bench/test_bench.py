@@ -51,7 +51,7 @@ def test_overhead_smoke():
 def test_throughput_smoke_counts_the_known_flops():
     args = ["--threads", "1", "--models", "unet_tiny", "--resolution", "16", "--channels", "1"]
     args += ["--batch", "64"]
-    res = run_bench("throughput", *args, "--steps", "2", "--warmup", "1")
+    res = run_bench("throughput", *args, "--steps", "1", "--warmup", "0")
     (row_fp32, row_bf16) = res["rows"]
     assert (row_fp32["precision"], row_bf16["precision"]) == ("32-true", "bf16-mixed")
     # unet_tiny at 16x16: 59 MFLOP forward per image, backward about twice that
@@ -72,6 +72,16 @@ def test_throughput_smoke_unet_ddpmpp():
     args = ["--threads", "1", "--models", "unet_ddpmpp", "--batch", "1", "--precisions", "32-true"]
     res = run_bench("throughput", *args, "--steps", "1", "--warmup", "0", timeout=900)
     assert res["rows"][0]["params_M"] == pytest.approx(55.732739)
+
+
+@pytest.mark.slow
+def test_throughput_smoke_compiled():
+    """docs/performance.md: bench/throughput.py ... --precisions 32-true bf16-mixed --compile"""
+    args = ["--threads", "1", "--models", "unet_tiny", "--resolution", "16", "--channels", "1"]
+    args += ["--batch", "64", "--precisions", "32-true", "bf16-mixed", "--compile"]
+    res = run_bench("throughput", *args, "--steps", "1", "--warmup", "1", timeout=1200)
+    compiled = [r for r in res["rows"] if r["compile"]]
+    assert [r["precision"] for r in compiled] == ["bf16-mixed"] and compiled[0]["images_per_s"] > 0
 
 
 def test_edm_compare_skips_without_a_checkout():

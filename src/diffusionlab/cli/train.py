@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -144,6 +145,21 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             "trainer.accumulate_grad_batches is derived from data.batch_size (global batch) "
             "and data.batch_per_device; set those instead"
         )
+    trainer = make_trainer(cfg, datamodule)
+    secrets = secret_values(OmegaConf.to_container(cfg, resolve=True))
+    redact_files(Path(cfg.paths.output_dir) / ".hydra", secrets)
+    with redacted_argv(secrets):
+        for logger in trainer.loggers:
+            logger.log_hyperparams(redact(run_config(cfg), secrets))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def make_trainer(
+    cfg: DictConfig, datamodule: DiffusionDataModule, extra_callbacks: Sequence[L.Callback] = ()
+) -> L.Trainer:
+    """The Trainer of ``cfg`` with its callbacks and loggers, the run's guards (non-finite steps,
+    preemption, compile) and the gradient accumulation derived from the global batch."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [
         NonFiniteGuard(number(cfg, "max_nonfinite_steps", int, at_least=1)),
@@ -153,16 +169,13 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     # the datamodule shards the endless sample stream itself (data/sampler.py)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, use_distributed_sampler=False
+        cfg.trainer,
+        callbacks=[*callbacks, *extra_callbacks],
+        logger=loggers or False,
+        use_distributed_sampler=False,
     )
     trainer.accumulate_grad_batches = datamodule.layout(trainer.world_size).accumulation
-    secrets = secret_values(OmegaConf.to_container(cfg, resolve=True))
-    redact_files(Path(cfg.paths.output_dir) / ".hydra", secrets)
-    with redacted_argv(secrets):
-        for logger in trainer.loggers:
-            logger.log_hyperparams(redact(run_config(cfg), secrets))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return trainer
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

@@ -69,14 +69,18 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"label_dim={self.label_dim} but the dataset has no labels")
         return F.one_hot(labels, self.label_dim).float()
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def batch_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``: the sigma and noise of
+        each sample come from its own seed (data/sampler.py), drawn on the CPU."""
         x0, labels, seeds = batch
-        self._samples_in_step += x0.shape[0]
-        # sigma and noise of each sample from its own seed (data/sampler.py), drawn on the CPU
         generator = StackedRandomGenerator(seeds.tolist())
-        per_sample, sigma = self.loss_fn(
+        return self.loss_fn(
             self.denoiser, x0, class_labels=self.one_hot(labels), generator=generator
         )
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        self._samples_in_step += batch[0].shape[0]
+        per_sample, sigma = self.batch_loss(batch)
         loss = per_sample.mean()
         self.log("train/loss", loss, prog_bar=True)
         if self._logging_step():
