@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class Preemption(L.Callback):
         self.dirpath = Path(dirpath)
         self.signal: str | None = None
         self._previous = None
+        self._saved_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning registers its SIGTERM (and SLURM's SIGUSR1) handlers before this hook
@@ -39,13 +41,25 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm:
             self.signal = "SIGTERM"
-        if self.signal is None:
-            return
+        if self.signal is not None:
+            self._save(trainer)
+            trainer.should_stop = True
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # a SIGTERM that lands after the hook above (or on another rank under DDP) makes
+        # Lightning stop between two steps with SIGTERMException: save there, once
+        if isinstance(exception, SIGTERMException) and self._saved_step != trainer.global_step:
+            self.signal = "SIGTERM"
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         log.warning("%s: saved %s at step %d; stopping", self.signal, path, trainer.global_step)
         self.signal = None
-        trainer.should_stop = True
+        self._saved_step = trainer.global_step
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous is not None:
