@@ -96,6 +96,27 @@ def test_reference_features_are_cached_once(mnist, extractor, reference, cache_d
     assert again["features"].shape[0] == len(split_indices(len(mnist), "train"))
 
 
+def test_corrupt_cached_reference_features_are_recomputed(mnist, extractor, reference, tmp_path):
+    from diffusionlab.evaluation.reference import reference_features
+
+    path = reference_path(tmp_path, "mnist", "train", 16, extractor.get_name())
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a torch file")
+    again = reference_features(mnist, "mnist", "train", extractor, tmp_path)
+    assert torch.equal(again["features"], reference["features"])
+    assert torch.load(path, weights_only=True)["features"].shape == again["features"].shape
+
+
+def test_corrupt_extractor_weights_name_the_file(tmp_path):
+    from diffusionlab.errors import ConfigError
+    from diffusionlab.evaluation.extractors import DomainFeatureExtractor
+
+    bad = tmp_path / "extractor.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ConfigError, match=r"extractor\.pt.*unreadable.*delete the file"):
+        DomainFeatureExtractor("domain", ["features"], feature_extractor_weights_path=str(bad))
+
+
 def test_splits_partition_the_dataset():
     train, test = split_indices(5000, "train"), split_indices(5000, "test")
     assert len(test) == 1000 and len(train) == 4000

@@ -85,7 +85,13 @@ class DomainFeatureExtractor(FeatureExtractorBase):
                 f"domain feature extractor weights {feature_extractor_weights_path!r} not found; "
                 "train them with scripts/train_feature_extractor.py"
             )
-        ckpt = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConfigError(
+                f"domain feature extractor weights {feature_extractor_weights_path!r} are "
+                f"unreadable ({type(e).__name__}); delete the file to retrain them"
+            ) from None
         self.resolution = int(ckpt["resolution"])
         self.net = DomainClassifier(**ckpt["config"])
         self.net.load_state_dict(ckpt["state_dict"])

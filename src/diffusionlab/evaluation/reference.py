@@ -60,7 +60,10 @@ def reference_features(
     resolution = int(data.images.shape[-1])
     path = reference_path(cache_dir, dataset, split, resolution, extractor.get_name())
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file: the cache is rebuilt, not trusted
+            log.warning("cached reference features %s unreadable (%s); recomputing", path, e)
     images = data.images[split_indices(len(data), split)]
     feats = image_features(dataset_images(images), images.shape[0], extractor, batch_size)
     if rank_and_world()[0] == 0:
