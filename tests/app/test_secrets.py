@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from omegaconf import OmegaConf
 
 from diffusionlab.training.secrets import REDACTED, redact, secret_values
 
-from .helpers import ROOT, fast_overrides
+from .helpers import fast_overrides, run_app
 
 
 def test_redact_by_key_name_and_by_value():
@@ -29,7 +25,6 @@ def test_redact_by_key_name_and_by_value():
 
 def test_no_secret_in_any_file_of_a_wandb_run(tmp_path):
     env = {
-        **os.environ,
         "WANDB_MODE": "offline",
         "WANDB_DIR": str(tmp_path / "wandb"),
         "WANDB_API_KEY": "wandbSECRET0123456789abcdef0123456789abcd",
@@ -39,14 +34,7 @@ def test_no_secret_in_any_file_of_a_wandb_run(tmp_path):
     args = [f"{a}" for a in fast_overrides(tmp_path) if a != "logger=csv"]
     args += ["logger=many", "+extra.api_key=cfgSECRETkey", "+extra.note=${oc.env:HF_TOKEN}"]
     args += ["+extra.db_password=pwSECRET", f"hydra.run.dir={tmp_path}/run"]
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_app("train.py", args, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SECRET" not in res.stdout + res.stderr
     run = tmp_path / "run"

@@ -11,6 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from diffusionlab.training.secrets import is_secret_name, redact_text, secret_values
+
 # Override keys left out of run names: paths and logging plumbing, not experiment choices.
 NAME_EXCLUDE = (
     "paths",
@@ -60,12 +62,17 @@ def run_name(hydra: DictConfig | None, exclude: Sequence[str] = NAME_EXCLUDE) ->
     ``exclude`` are left out; ``default`` when nothing is left."""
     if hydra is None:
         return "default"
-    overrides = [o for o in hydra.overrides.task if not _excluded(_key(o), exclude)]
+    overrides = [
+        o
+        for o in hydra.overrides.task
+        if not _excluded(_key(o), exclude) and not is_secret_name(_key(o))
+    ]
     if _is_multirun(hydra):
         swept = swept_keys(Path(hydra.sweep.dir))
         if swept is not None:
             overrides = [o for o in overrides if _key(o) in swept]
-    return ",".join(overrides) or "default"
+    # a secret (an API key given on the command line) never names a run
+    return redact_text(",".join(overrides), secret_values()) or "default"
 
 
 def run_group(hydra: DictConfig | None, fallback: str | Path = "") -> str:
