@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -47,14 +49,41 @@ def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
-def run_app(script: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python <script> <args>`` from the project root, as a user would."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+def run_app(
+    script: str, args: list[str], timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python <script> <args>`` from the project root, as a user would; ``env`` adds to
+    (or overrides) W&B disabled and Hydra's short errors."""
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_two_nodes(args_of_rank: Callable[[int], list[str]], timeout: float = 300) -> list[str]:
+    """Start ``train.py`` as two single-process 'nodes' on 127.0.0.1 (NODE_RANK 0 and 1, as
+    torchrun or SLURM would) with ``args_of_rank(rank)``; both must exit 0. Returns their stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env |= {"NODE_RANK": str(rank), "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), *args_of_rank(rank)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    return errors

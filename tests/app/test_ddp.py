@@ -1,13 +1,8 @@
 """DDP on CPU (gloo): two processes inside a Hydra multirun (ddp_spawn); two simulated nodes."""
 
-import os
-import socket
-import subprocess
-import sys
-
 from omegaconf import OmegaConf
 
-from .helpers import ROOT, fast_overrides, run_app
+from .helpers import fast_overrides, run_app, run_two_nodes
 
 
 def test_ddp_spawn_inside_multirun(tmp_path):
@@ -32,38 +27,17 @@ def test_ddp_spawn_inside_multirun(tmp_path):
     assert not (tmp_path / "train" / "runs").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_simulated_nodes_with_gloo(tmp_path):
     """Multi-node DDP as SLURM or torchrun would start it: one process per node, NODE_RANK 0/1."""
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        args = [
+    errors = run_two_nodes(
+        lambda rank: [
             *fast_overrides(tmp_path / f"node{rank}", callbacks=False),
             "trainer=cpu",
             "+trainer.strategy=ddp",
             "trainer.num_nodes=2",
             "trainer.devices=1",
         ]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        env |= {"NODE_RANK": str(rank), "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(ROOT / "train.py"), *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    )
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in errors[1]
     # rank 0 alone writes metrics (Lightning loggers are rank-zero only)
     (metrics,) = (tmp_path / "node0").rglob("metrics.csv")

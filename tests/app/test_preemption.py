@@ -14,7 +14,7 @@ import pytest
 from diffusionlab.cli.train import train
 from diffusionlab.training.checkpoint_io import read_checkpoint
 
-from .helpers import ROOT, compose_train, fast_overrides
+from .helpers import ROOT, compose_train, fast_overrides, run_app
 
 
 def _start(tmp_path, extra_env: dict[str, str] | None = None, run_dir: str = "run"):
@@ -93,15 +93,7 @@ def test_slurm_requeue_signal_writes_hpc_checkpoint_and_requeued_job_resumes(tmp
 
     args = [*fast_overrides(tmp_path), f"trainer.max_steps={hpc_step + 2}"]
     args.append(f"hydra.run.dir={tmp_path}/{run_dir}")
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **SLURM_ENV}
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_app("train.py", args, env=SLURM_ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {run / 'hpc_ckpt_1.ckpt'}" in res.stderr
     last = read_checkpoint(run / "checkpoints" / "last.ckpt", "ckpt")

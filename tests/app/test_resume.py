@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffusionlab.cli.train import train
+from diffusionlab.errors import ConfigError
 
 from .helpers import compose_train, fast_overrides, run_app
 
@@ -110,7 +111,7 @@ def test_ckpt_path_last_and_auto_resume(tmp_path):
     base = [*fast_overrides(tmp_path), "~callbacks.sample_grid", "~callbacks.lr_monitor"]
     base += ["callbacks.model_checkpoint.every_n_train_steps=1"]
     runs = tmp_path / "train" / "runs"
-    with pytest.raises(SystemExit, match="ckpt_path=last: no .*/train/runs/"):
+    with pytest.raises(ConfigError, match="ckpt_path=last: no .*/train/runs/"):
         train(compose_train([*base, "ckpt_path=last"], runs / "first"))
     train(compose_train([*base, "trainer.max_steps=2"], runs / "first"))
     # the newest run's last.ckpt
@@ -124,5 +125,5 @@ def test_ckpt_path_last_and_auto_resume(tmp_path):
 
 def test_missing_ckpt_path_is_a_config_error(tmp_path):
     cfg = compose_train([*fast_overrides(tmp_path), "ckpt_path=nope.ckpt"], tmp_path)
-    with pytest.raises(SystemExit, match="ckpt_path='nope.ckpt' does not exist"):
+    with pytest.raises(ConfigError, match="ckpt_path='nope.ckpt' does not exist"):
         train(cfg)

@@ -11,19 +11,16 @@ after 3 steps (lr 1e-3, weights of order 0.1): at most 5.5e-7 on any weight, EMA
 moment, against 0.8 for another seed; the tests allow 5e-6.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffusionlab.cli.train import train
+from diffusionlab.errors import ConfigError
 from diffusionlab.training.callbacks import SampleGrid
 
-from .helpers import ROOT, compose_train, fast_overrides, run_app
+from .helpers import compose_train, fast_overrides, run_app, run_two_nodes
 
 ATOL = 5e-6
 
@@ -48,17 +45,10 @@ def _assert_close(a: dict, b: dict) -> None:
     assert worst < ATOL, worst
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _two_nodes(tmp_path: Path, extra: list[str]) -> Path:
     """Two single-process 'nodes' on 127.0.0.1 (as torchrun or SLURM would start them)."""
-    port, procs = _free_port(), []
-    for rank in (0, 1):
-        args = [
+    run_two_nodes(
+        lambda rank: [
             *_overrides(tmp_path / f"node{rank}"),
             "trainer=cpu",
             "+trainer.strategy=ddp",
@@ -67,20 +57,7 @@ def _two_nodes(tmp_path: Path, extra: list[str]) -> Path:
             f"hydra.run.dir={tmp_path / f'node{rank}'}",
             *extra,
         ]
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        env |= {"NODE_RANK": str(rank), "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(ROOT / "train.py"), *args],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    )
     return tmp_path / "node0"
 
 
@@ -123,7 +100,7 @@ def test_a_different_seed_gives_different_weights(tmp_path, single):
 
 def test_global_batch_not_divisible_by_world_size_is_a_config_error(tmp_path):
     cfg = compose_train([*_overrides(tmp_path), "trainer=ddp_cpu", "data.batch_size=15"], tmp_path)
-    with pytest.raises(SystemExit, match=r"data.batch_size=15 .* world size 2"):
+    with pytest.raises(ConfigError, match=r"data.batch_size=15 .* world size 2"):
         train(cfg)
 
 
@@ -138,6 +115,6 @@ def test_sample_grid_runs_once_per_step_with_accumulation(tmp_path, monkeypatch)
 def test_setting_accumulate_grad_batches_is_a_config_error(tmp_path):
     cfg = compose_train([*_overrides(tmp_path), "+trainer.accumulate_grad_batches=2"], tmp_path)
     with pytest.raises(
-        SystemExit, match="trainer.accumulate_grad_batches .* data.batch_per_device"
+        ConfigError, match="trainer.accumulate_grad_batches .* data.batch_per_device"
     ):
         train(cfg)

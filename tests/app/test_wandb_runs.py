@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +14,12 @@ from diffusionlab.cli.sample import sample
 from diffusionlab.config import CONF_DIR
 from diffusionlab.training.wandb_records import offline_runs
 
-from .helpers import ROOT, fast_overrides
+from .helpers import fast_overrides, run_app
 
 
 def run_offline(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """``python <script> <args>`` with W&B offline and every W&B directory inside ``tmp_path``."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **offline_env(tmp_path)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_app(script, args, timeout=600, env=offline_env(tmp_path))
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:
@@ -109,6 +99,7 @@ EVAL = [
 def test_evaluate_and_sample_runs_join_the_training_run(grid, tmp_path, monkeypatch):
     for var, value in offline_env(tmp_path).items():
         monkeypatch.setenv(var, value)
+    wandb.teardown()  # forget settings an earlier in-process test (W&B disabled) left behind
     train = next(r for r in offline_runs(grid) if r.dir.parent.parent.name == "0")
     ckpt = grid / "0" / "checkpoints" / "last.ckpt"
     cfg = _compose(

@@ -28,6 +28,7 @@ def test_finish_wandb_run_ends_each_run_also_on_error(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "home"))
+    wandb.teardown()  # forget settings an earlier in-process test (W&B disabled) left behind
     with pytest.raises(RuntimeError), finish_wandb_run():
         wandb.init(dir=tmp_path / "a", project="t")
         raise RuntimeError("job failed")

@@ -61,7 +61,7 @@ def test_float16_refused_on_cpu(precision):
 def test_train_app_stops_on_float16_cpu(tmp_path):
     overrides = [*fast_overrides(tmp_path, callbacks=False), "trainer.precision=16-mixed"]
     overrides.append("trainer.accelerator=cpu")
-    with pytest.raises(SystemExit, match="trainer.precision=16-mixed needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match="trainer.precision=16-mixed needs a CUDA GPU"):
         train(compose_train(overrides, tmp_path))
 
 
