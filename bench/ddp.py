@@ -3,8 +3,8 @@
     python bench/ddp.py [--quick] [--steps 40] [--rounds 2] [--device cpu] [overrides ...]
 
 Each run is ``trainer.fit`` of the default config with ``callbacks=none logger=none``,
-``strategy=ddp_spawn`` and ``trainer.devices=N``; each process keeps the per-process batch it
-is given and one torch thread (so 2 processes use the 2 cores one process leaves idle). Rank 0
+``strategy=ddp_spawn`` and ``trainer.devices=N``; the global batch is ``--batch`` x N, so each
+process keeps a batch of ``--batch`` (weak scaling), and one torch thread (so 2 processes use the 2 cores one process leaves idle). Rank 0
 times the steps after ``--warmup`` (wall clock: processes run in parallel). images/s counts the
 images of all ranks; the ratio is 2-process over 1-process images/s (2.0 = linear scaling).
 """
@@ -22,9 +22,8 @@ from pathlib import Path
 import lightning as L
 import torch
 from benchlib import compose_train, machine, markdown_table, sync, write_results
-from hydra.utils import instantiate
 
-from diffusionlab.cli.train import build
+from diffusionlab.cli.train import build, make_trainer
 
 
 class FileClock(L.Callback):
@@ -63,6 +62,7 @@ def fit(procs: int, args: argparse.Namespace, run_dir: Path) -> float:
             f"trainer.accelerator={accel}",
             "+trainer.strategy=ddp_spawn",
             f"trainer.devices={procs}",
+            f"data.batch_size={args.batch * procs}",
             "+trainer.enable_progress_bar=false",
             f"paths.log_dir={run_dir}",
         ],
@@ -71,7 +71,7 @@ def fit(procs: int, args: argparse.Namespace, run_dir: Path) -> float:
     L.seed_everything(cfg.seed, workers=True)
     module, datamodule = build(cfg)
     clock = FileClock(run_dir / "clock.json", args.device)
-    trainer = instantiate(cfg.trainer, callbacks=[clock], logger=False)
+    trainer = make_trainer(cfg, datamodule, [clock])
     trainer.fit(module, datamodule=datamodule)
     data = json.loads(clock.path.read_text())
     return args.steps * data["images"] / (data["end"] - data["starts"][args.warmup])
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
     ap.add_argument("--quick", action="store_true", help="CPU smoke mode: 10 steps, 1 round")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=64, help="images per process and step")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
