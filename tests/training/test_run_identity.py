@@ -57,3 +57,12 @@ def test_run_config_puts_choices_on_top():
         "schedule": "vp",
         "experiment": None,
     }
+
+
+def test_run_config_redacts_secrets_for_every_logger(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "envSECRETkey0123")
+    cfg = OmegaConf.create(
+        {"extra": {"api_key": "cfgSECRET", "note": "uses envSECRETkey0123"}, "seed": 1}
+    )
+    out = run_config(cfg, {})
+    assert out["seed"] == 1 and "SECRET" not in str(out)

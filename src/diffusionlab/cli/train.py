@@ -27,7 +27,7 @@ from diffusionlab.training.nonfinite import NonFiniteGuard
 from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
 from diffusionlab.training.preemption import Preemption
 from diffusionlab.training.run_identity import run_config
-from diffusionlab.training.secrets import redact, redact_files, redacted_argv, secret_values
+from diffusionlab.training.secrets import redact, secret_values, secrets_kept_out
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +146,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             "and data.batch_per_device; set those instead"
         )
     trainer = make_trainer(cfg, datamodule)
-    secrets = secret_values(OmegaConf.to_container(cfg, resolve=True))
-    redact_files(Path(cfg.paths.output_dir) / ".hydra", secrets)
-    with redacted_argv(secrets):
+    with secrets_kept_out(OmegaConf.to_container(cfg, resolve=True), cfg.paths.output_dir):
         for logger in trainer.loggers:
-            logger.log_hyperparams(redact(run_config(cfg), secrets))
+            logger.log_hyperparams(run_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

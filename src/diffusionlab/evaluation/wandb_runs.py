@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusionlab.training.loggers import resolve_wandb_mode
 from diffusionlab.training.run_identity import (
@@ -16,6 +16,7 @@ from diffusionlab.training.run_identity import (
     run_group,
     run_name,
 )
+from diffusionlab.training.secrets import secrets_kept_out
 from diffusionlab.training.wandb_records import run_record
 
 
@@ -53,16 +54,17 @@ def start_wandb_run(cfg: DictConfig, ckpts: Sequence[str]) -> Any:
     group = groups.pop() if len(groups) == 1 else run_group(hydra, cfg.paths.output_dir)
     config = {**run_config(cfg), "train_runs": trains}
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-    return wandb.init(
-        dir=cfg.paths.output_dir,
-        project=w.project,
-        mode=resolve_wandb_mode(w.mode),
-        name=w.name or name,
-        group=w.group or group,
-        job_type=cfg.task_name,
-        tags=list(cfg.tags),
-        config=config,
-    )
+    with secrets_kept_out(OmegaConf.to_container(cfg, resolve=True), cfg.paths.output_dir):
+        return wandb.init(
+            dir=cfg.paths.output_dir,
+            project=w.project,
+            mode=resolve_wandb_mode(w.mode),
+            name=w.name or name,
+            group=w.group or group,
+            job_type=cfg.task_name,
+            tags=list(cfg.tags),
+            config=config,
+        )
 
 
 def log_curve(

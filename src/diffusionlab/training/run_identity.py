@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from diffusionlab.training.secrets import is_secret_name, redact_text, secret_values
+from diffusionlab.training.secrets import is_secret_name, redact, redact_text, secret_values
 
 # Override keys left out of run names: paths and logging plumbing, not experiment choices.
 NAME_EXCLUDE = (
@@ -101,10 +101,11 @@ def group_choices(hydra: DictConfig | None) -> dict[str, str | None]:
 def run_config(cfg: DictConfig, choices: Mapping[str, str | None] | None = None) -> dict:
     """The resolved config with each group's choice as a top-level key (``schedule: vp``), so W&B
     can group runs and draw parallel coordinates by choice; the group's resolved node moves to
-    ``<group>_cfg`` (``schedule_cfg.sigma_max``)."""
+    ``<group>_cfg`` (``schedule_cfg.sigma_max``). Secret-named keys and secret values are
+    redacted: this is what loggers receive."""
     if choices is None:
         choices = group_choices(hydra_config())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     out = {(f"{k}_cfg" if k in choices else k): v for k, v in resolved.items()}
     out.update(choices)
-    return out
+    return redact(out, secret_values(resolved))

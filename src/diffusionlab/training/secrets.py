@@ -83,3 +83,14 @@ def redacted_argv(secrets: set[str]) -> Iterator[None]:
         yield
     finally:
         sys.argv = saved
+
+
+@contextmanager
+def secrets_kept_out(config: Any, output_dir: str | Path) -> Iterator[set[str]]:
+    """While loggers start for a run of ``config`` (a plain container): Hydra's saved
+    ``<output_dir>/.hydra/`` files are rewritten without the secrets and ``sys.argv`` hides them;
+    yields the secret values, for :func:`redact`."""
+    secrets = secret_values(config)
+    redact_files(Path(output_dir) / ".hydra", secrets)
+    with redacted_argv(secrets):
+        yield secrets
