@@ -36,7 +36,12 @@ def test_finish_wandb_run_ends_each_run_also_on_error(monkeypatch, tmp_path):
     with finish_wandb_run():
         wandb.init(dir=tmp_path / "b", project="t")
     assert wandb.run is None
+    with pytest.raises(SystemExit), finish_wandb_run():  # Lightning's exit after SIGTERM
+        wandb.init(dir=tmp_path / "c", project="t")
+        raise SystemExit()
     wandb.teardown()  # in-process runs reach their files when the W&B service shuts down
     (failed,) = offline_runs(tmp_path / "a")
     (ok,) = offline_runs(tmp_path / "b")
+    (preempted,) = offline_runs(tmp_path / "c")
     assert (failed.exit_code, ok.exit_code) == (1, 0) and failed.id != ok.id
+    assert preempted.exit_code == 0

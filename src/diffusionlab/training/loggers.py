@@ -61,6 +61,9 @@ def finish_wandb_run() -> Iterator[None]:
     job of a Hydra multirun starts its own run instead of reusing this one."""
     try:
         yield
+    except SystemExit as e:  # a clean exit (a preempted run saved and stopped) is no failure
+        _finish(exit_code=0 if e.code in (None, 0) else 1)
+        raise
     except BaseException:
         _finish(exit_code=1)
         raise
