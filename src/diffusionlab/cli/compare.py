@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.sweep import (
@@ -48,11 +49,14 @@ def compare(cfg: DictConfig) -> dict[str, Path]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="compare")
-def main(cfg: DictConfig) -> None:
-    try:
-        compare(cfg)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+@user_errors_exit
+def app(cfg: DictConfig) -> None:
+    compare(cfg)
+
+
+def main() -> None:
+    """``dl-compare``: user errors end as one ``error: ...`` line, as in the other apps."""
+    run_cli(app)
 
 
 if __name__ == "__main__":
