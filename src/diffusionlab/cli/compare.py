@@ -17,10 +17,10 @@ from diffusionlab.evaluation.sweep import (
     read_sweep,
     table_rows,
     varying_keys,
-    write_csv,
     write_markdown,
 )
 from diffusionlab.evaluation.sweep_plots import plot_loss_curves, plot_sample_grids
+from diffusionlab.evaluation.tables import write_csv
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ Results also go to a W&B run attached to the checkpoint's training run."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.reference import split_indices
+from diffusionlab.evaluation.tables import markdown_lines, write_csv
 from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
 from diffusionlab.training.loggers import finish_wandb_run
 
@@ -226,19 +226,10 @@ def ema_sweep(
 def _write_table(rows: list[dict], stem: Path) -> None:
     """``<stem>.csv`` and a Markdown ``<stem>.md`` (per-run metrics, plus FID's min / mean / max
     over seed ranges when repeated)."""
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(stem.with_suffix(".csv"), list(rows[0]), rows)
     spread = {f"{k}_{s}" for k in rows[0] for s in ("min", "mean", "max") if f"{k}_min" in rows[0]}
     keys = [k for k in rows[0] if k not in spread or k.startswith("fid_")]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    stem.with_suffix(".md").write_text("\n".join(markdown_lines(keys, rows)) + "\n")
 
 
 def _plot_sweep(rows: list[dict], x: str, series: str | None, path: Path) -> None:

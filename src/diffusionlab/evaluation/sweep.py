@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.tables import markdown_lines
 
 
 @dataclass
@@ -140,28 +141,14 @@ def table_rows(jobs: list[Job], metrics: list[str]) -> tuple[list[str], list[dic
     return columns, rows
 
 
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({c: "" if r[c] is None else r[c] for c in columns} for r in rows)
-
-
 def write_markdown(
     path: Path, title: str, columns: list[str], rows: list[dict], jobs: list[Job]
 ) -> None:
     """The table in markdown, headed by the overrides every job shares."""
-
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
     varying = set(varying_keys(jobs))
     common = [f"`{k}={v}`" for k, v in jobs[0].overrides.items() if k not in varying]
     lines = [f"# {title}: {len(jobs)} jobs", ""]
     if common:
         lines += ["Shared overrides: " + " ".join(common), ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    lines += markdown_lines(columns, rows)
     path.write_text("\n".join(lines) + "\n")
