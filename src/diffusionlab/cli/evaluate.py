@@ -30,6 +30,7 @@ from diffusionlab.evaluation.checkpoint import (
 )
 from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
 from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.reference import split_indices
@@ -124,10 +125,10 @@ def evaluate(cfg: DictConfig) -> dict:
     module = load_module(ckpts[0], device) if len(ckpts) == 1 else None
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     if module is not None:
+        sampler = resolve_sampler(sampler, ckpts[0])
         check_sampler(sampler, module.schedule)
-        for name in cfg.sweep.samplers:
-            for nfe in cfg.sweep.nfe:
-                check_sampler({"name": name, "nfe": nfe}, module.schedule, "sweep.samplers")
+        for swept in sweep_samplers(cfg, ckpts[0]):
+            check_sampler(swept, module.schedule, "sweep.samplers")
     with finish_wandb_run():
         run = start_wandb_run(cfg, ckpts)
         result = _evaluate(cfg, dcfg, ckpts, module, sampler, device, run)
@@ -181,18 +182,29 @@ def _evaluate(
     return result
 
 
+def sweep_samplers(cfg: DictConfig, ckpt: str) -> list[dict]:
+    """The swept sampler configs: every sampler x grid (``sweep.grids``, default the sampler's
+    discretization; ``learned`` reads the grids fitted beside ``ckpt``) x NFE."""
+    grids = list(cfg.sweep.get("grids") or [cfg.sampler.discretization])
+    return [
+        resolve_sampler({"name": name, "nfe": int(nfe), "discretization": grid}, ckpt, "sweep")
+        for name in cfg.sweep.samplers
+        for grid in grids
+        for nfe in cfg.sweep.nfe
+    ]
+
+
 def nfe_sweep(cfg: DictConfig, module, evaluator: Evaluator, ranges, outdir: Path) -> list[dict]:
-    """Metrics for every (sampler, NFE); writes nfe_sweep.csv, nfe_sweep.md and fid_vs_nfe.png."""
+    """Metrics for every (sampler, grid, NFE); writes nfe_sweep.csv, nfe_sweep.md and
+    fid_vs_nfe.png (one line per sampler, or per sampler/grid when ``sweep.grids`` has several)."""
     rows = []
-    for name in cfg.sweep.samplers:
-        for nfe in cfg.sweep.nfe:
-            sampler = {"name": name, "nfe": int(nfe), "discretization": cfg.sampler.discretization}
-            gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
-            metrics = evaluator.score_generator(
-                gen, ranges, int(cfg.eval.batch_size), cfg.class_label
-            )
-            rows.append({"sampler": name, "nfe": int(nfe), **metrics})
-            log.info("sweep %s nfe=%d: %s", name, nfe, metrics)
+    several = len(cfg.sweep.get("grids") or []) > 1
+    for sampler in sweep_samplers(cfg, str(cfg.ckpt)):
+        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+        metrics = evaluator.score_generator(gen, ranges, int(cfg.eval.batch_size), cfg.class_label)
+        name = sampler["name"] + (f"/{sampler['discretization']}" if several else "")
+        rows.append({"sampler": name, "nfe": sampler["nfe"], **metrics})
+        log.info("sweep %s nfe=%d: %s", name, sampler["nfe"], metrics)
     _write_table(rows, outdir / "nfe_sweep")
     _plot_sweep(rows, "nfe", "sampler", outdir / "fid_vs_nfe.png")
     return rows
@@ -213,7 +225,9 @@ def ema_sweep(
         key, length = ema_length(module)
         if rows and key not in rows[0]:
             raise ConfigError(f"ckpt={ckpt!r} has {key}; the other checkpoints do not")
-        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+        gen = module_generator(
+            module, resolve_sampler(sampler, ckpt), float(cfg.guidance), bool(cfg.use_ema)
+        )
         metrics = evaluator.score_generator(gen, ranges, int(e.batch_size), cfg.class_label)
         rows.append({"ckpt": ckpt, key: length, **metrics})
         log.info("%s %s=%g: %s", ckpt, key, length, metrics)

@@ -19,6 +19,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import load_module, module_generator, pick_device
 from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.evaluation.protocol import parse_seeds
 from diffusionlab.evaluation.wandb_runs import start_wandb_run
 from diffusionlab.training.images import save_samples_png
@@ -37,7 +38,7 @@ def sample(cfg: DictConfig) -> Path:
     sampler_numbers(cfg)
     device = pick_device(cfg.device)
     module = load_module(cfg.ckpt, device)
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    sampler = resolve_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.ckpt)
     check_sampler(sampler, module.schedule)
     generator = module_generator(module, sampler, guidance, bool(cfg.use_ema))
     class_label = number(cfg, "class_label", int, optional=True)

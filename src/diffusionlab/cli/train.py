@@ -20,6 +20,7 @@ from diffusionlab.cli.objective import optimized_value
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.loggers import finish_wandb_run
 from diffusionlab.training.module import DiffusionModule
@@ -97,7 +98,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         data_shape=list(dataset.shape),
         label_dim=label_dim,
         lr_warmup_steps=cfg.lr_warmup_steps,
-        sampler=_container(cfg.sampler),
+        sampler=resolve_sampler(cfg.sampler and _container(cfg.sampler)),
     )
     check_fits(module, dataset.shape)
     check_sampler(module.hparams.sampler or {}, module.schedule)

@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-DISCRETIZATIONS = ("karras", "time_uniform", "logsnr", "leading", "linspace", "trailing")
+DISCRETIZATIONS = (
+    "karras",
+    "time_uniform",
+    "logsnr",
+    "leading",
+    "linspace",
+    "trailing",
+    "learned",
+)
 
 
 def _append_zero(sigmas: Tensor) -> Tensor:
@@ -91,6 +99,19 @@ def ddpm_respacing(
     return _append_zero(torch.as_tensor(grid, dtype=torch.float64)[idx]).to(dtype)
 
 
+def learned(n: int, sigmas: Any, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A fitted grid (``dl-fit-grid``) as a tensor, checked to have ``n`` positive sigmas + 0."""
+    _check_n(n)
+    if sigmas is None:
+        raise ValueError(
+            "discretization 'learned' needs a fitted grid (dl-fit-grid; sampler.grid=<file>)"
+        )
+    grid = torch.as_tensor(sigmas, dtype=torch.float64)
+    if grid.dim() != 1 or len(grid) != n + 1:
+        raise ValueError(f"the learned grid has {len(grid) - 1} steps; this budget needs {n}")
+    return grid.to(dtype)
+
+
 def snap_to_grid(sigmas: Tensor, grid: Tensor) -> Tensor:
     """Move every positive sigma to the nearest (in log sigma) sigma of a discrete grid, drop
     duplicates, keep the final 0. The result may have fewer steps than the input."""
@@ -113,10 +134,13 @@ def get_sigmas(
     """A grid of ``n`` positive sigmas plus the final 0 by name (one of :data:`DISCRETIZATIONS`).
 
     ``sigma_min`` / ``sigma_max`` default to the schedule's; ``leading``/``linspace``/``trailing``
-    need a discrete schedule; ``kw``: ``rho`` (karras), ``steps_offset`` (leading).
+    need a discrete schedule; ``kw``: ``rho`` (karras), ``steps_offset`` (leading), ``sigmas``
+    (learned: a fitted grid of ``n`` positive sigmas and 0, see ``diffusion/grid_fit.py``).
     """
     if name not in DISCRETIZATIONS:
         raise ValueError(f"unknown discretization {name!r}; valid: {', '.join(DISCRETIZATIONS)}")
+    if name == "learned":
+        return learned(n, kw.get("sigmas"), dtype=dtype)
     if name in ("leading", "linspace", "trailing"):
         if schedule is None or not getattr(schedule, "discrete", False):
             raise ValueError(f"discretization {name!r} needs a discrete schedule (e.g. ddpm)")

@@ -27,6 +27,19 @@ from diffusionlab.diffusion.noise import Generator, randn_like
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
+Scalar = float | Tensor  # a sigma: a float, or a 0-d tensor when the grid is differentiated
+
+
+def _log(v: Scalar) -> Scalar:
+    return v.log() if isinstance(v, Tensor) else math.log(v)
+
+
+def _exp(v: Scalar) -> Scalar:
+    return v.exp() if isinstance(v, Tensor) else math.exp(v)
+
+
+def _expm1(v: Scalar) -> Scalar:
+    return v.expm1() if isinstance(v, Tensor) else math.expm1(v)
 
 
 class _Model:
@@ -37,6 +50,8 @@ class _Model:
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
         self.nfe += 1
+        if isinstance(sigma, Tensor):  # a differentiated grid: keep sigma in the graph
+            return self.denoise(x, sigma.to(x.dtype).expand(x.shape[0]))
         return self.denoise(x, x.new_full((x.shape[0],), sigma))
 
     def report(self, i: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
@@ -57,6 +72,8 @@ def euler(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
 
 def _ancestral_step(s: float, sn: float, eta: float) -> tuple[float, float]:
     """(sigma_down, sigma_up) with sigma_up^2 = eta^2 sn^2 (s^2 - sn^2) / s^2 (DDIM eq. 16)."""
+    if eta == 0:
+        return sn, 0.0
     up = min(sn, eta * math.sqrt(max(sn**2 * (s**2 - sn**2) / s**2, 0.0)))
     return math.sqrt(max(sn**2 - up**2, 0.0)), up
 
@@ -176,10 +193,10 @@ def dpmpp_2m(
         if sn == 0:
             x = den
             continue
-        h = math.log(s / sn)
+        h = _log(s / sn)
         eh = h * (1 + eta)
-        phi = -math.expm1(-eh)
-        x = (sn / s) * math.exp(-eta * h) * x + phi * den
+        phi = -_expm1(-eh)
+        x = (sn / s) * _exp(-eta * h) * x + phi * den
         if old is not None:
             r = h_last / h
             coef = 0.5 * phi if solver_type == "midpoint" else (1 - phi / eh)
@@ -216,10 +233,10 @@ def dpmpp_3m(
         if sn == 0:
             x = den
             continue
-        h = math.log(s / sn)
+        h = _log(s / sn)
         he = h * (eta + 1)
-        x = math.exp(-he) * x - math.expm1(-he) * den
-        phi2 = math.expm1(-he) / he + 1
+        x = _exp(-he) * x - _expm1(-he) * den
+        phi2 = _expm1(-he) / he + 1
         if h2 is not None:
             r0, r1 = h1 / h, h2 / h
             dd0 = (den - d1) / r0
@@ -257,10 +274,10 @@ def dpmpp_2s(
         if down == 0:
             x = den
         else:
-            h = math.log(s / down)
-            s_mid = s * math.exp(-0.5 * h)
-            x2 = (s_mid / s) * x - math.expm1(-0.5 * h) * den
-            x = (down / s) * x - math.expm1(-h) * m(x2, s_mid)
+            h = _log(s / down)
+            s_mid = s * _exp(-0.5 * h)
+            x2 = (s_mid / s) * x - _expm1(-0.5 * h) * den
+            x = (down / s) * x - _expm1(-h) * m(x2, s_mid)
         if sn > 0 and up > 0:
             x = x + randn_like(x, gen) * (s_noise * up)
     return x
@@ -275,21 +292,32 @@ def dpmpp_2s_ancestral(
 
 # ----------------------------------------------------------------------------- UniPC
 def _unipc_system(
-    h: float, rks: list[float], order: int, variant: str
-) -> tuple[float, float, np.ndarray, np.ndarray]:
+    h: Scalar, rks: list[Scalar], order: int, variant: str
+) -> tuple[Scalar, Scalar, list[list[Scalar]], list[Scalar]]:
     """phi_1, B(h) and the order conditions R rho = b of UniPC (Zhao et al. 2023, Alg. 2-3,
     data prediction)."""
     hh = -h
-    phi1 = math.expm1(hh)
+    phi1 = _expm1(hh)
     phik = phi1 / hh - 1
-    bh = hh if variant == "bh1" else math.expm1(hh)
+    bh = hh if variant == "bh1" else _expm1(hh)
     fac, R, b = 1, [], []
     for k in range(1, order + 1):
         R.append([r ** (k - 1) for r in rks])
         b.append(phik * fac / bh)
         fac *= k + 1
         phik = phik / hh - 1 / fac
-    return phi1, bh, np.array(R), np.array(b)
+    return phi1, bh, R, b
+
+
+def _solve(R: list[list[Scalar]], b: list[Scalar]) -> list[Scalar]:
+    """rho with R rho = b (UniPC's coefficients); through torch when the sigmas are tensors."""
+    if not any(isinstance(v, Tensor) for v in [*b, *(v for row in R for v in row)]):
+        return np.linalg.solve(np.array(R), np.array(b)).tolist()
+
+    def vec(row: list[Scalar]) -> Tensor:
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in row])
+
+    return list(torch.linalg.solve(torch.stack([vec(r) for r in R]), vec(b)).unbind())
 
 
 def unipc(
@@ -309,7 +337,7 @@ def unipc(
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"unipc variant must be 'bh1' or 'bh2', got {variant!r}")
     n = len(sig) - 1
-    lam = [-math.log(s) for s in sig[:-1]]
+    lam = [-_log(s) for s in sig[:-1]]
     hist: list[Tensor] = []  # model outputs, newest last
     x_last, p_last = x, 0
     for i in range(n):
@@ -320,7 +348,7 @@ def unipc(
             h = lam[i] - lam[i - 1]
             rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, p_last)] + [1.0]
             phi1, bh, R, b = _unipc_system(h, rks, p_last, variant)
-            rho = [0.5] if p_last == 1 else np.linalg.solve(R, b).tolist()
+            rho = [0.5] if p_last == 1 else _solve(R, b)
             m0 = hist[-1]
             res = sum(
                 (rho[k - 1] * (hist[-1 - k] - m0) / rks[k - 1] for k in range(1, p_last)),
@@ -333,25 +361,30 @@ def unipc(
         if sn == 0:
             x = den
             continue
-        h = math.log(s / sn)
+        h = _log(s / sn)
         rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)] + [1.0]
         phi1, bh, R, b = _unipc_system(h, rks, p, variant)
         x = (sn / s) * x - phi1 * den
         if p > 1:
-            rho = [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+            rho = [0.5] if p == 2 else _solve([r[:-1] for r in R[:-1]], b[:-1])
             x = x - bh * sum(rho[k - 1] * (hist[-1 - k] - den) / rks[k - 1] for k in range(1, p))
     return x
 
 
 # ----------------------------------------------------------------------------- multistep
-def _lms_coeff(order: int, t: list[float], i: int, j: int) -> float:
-    """Integral over [t_i, t_{i+1}] of the Lagrange basis polynomial of node t_{i-j}."""
-    poly = np.polynomial.Polynomial([1.0])
-    for k in range(order):
-        if k != j:
-            poly = poly * np.polynomial.Polynomial([-t[i - k], 1.0]) / (t[i - j] - t[i - k])
-    prim = poly.integ()
-    return float(prim(t[i + 1]) - prim(t[i]))
+def _lms_coeff(order: int, t: list[Scalar], i: int, j: int) -> Scalar:
+    """Integral over [t_i, t_{i+1}] of the Lagrange basis polynomial of node t_{i-j}, by
+    ``order``-point Gauss-Legendre quadrature (exact: the polynomial has degree order - 1)."""
+    nodes, weights = (v.tolist() for v in np.polynomial.legendre.leggauss(order))
+    half, mid = (t[i + 1] - t[i]) / 2, (t[i + 1] + t[i]) / 2
+    total = 0.0
+    for node, weight in zip(nodes, weights, strict=True):
+        tau, basis = mid + half * node, 1.0
+        for k in range(order):
+            if k != j:
+                basis = basis * (tau - t[i - k]) / (t[i - j] - t[i - k])
+        total = total + weight * basis
+    return total * half
 
 
 def lms(m: _Model, x: Tensor, sig: list[float], gen: Generator, order: int = 4) -> Tensor:
@@ -546,6 +579,7 @@ def steps_for_nfe(name: str, nfe: int, **options: Any) -> int:
 
 def check_sigmas(sigmas: Tensor) -> None:
     """Raise ValueError unless ``sigmas`` is 1-D, strictly decreasing, positive and ends at 0."""
+    sigmas = sigmas.detach() if isinstance(sigmas, Tensor) else sigmas
     ok = (
         isinstance(sigmas, Tensor)
         and sigmas.dim() == 1
@@ -596,7 +630,9 @@ class Sampler:
     ) -> Tensor:
         check_sigmas(sigmas)
         m = _Model(denoise, callback)
-        out = self.fn(m, x, sigmas.tolist(), generator, **self.options)
+        # a grid that requires grad stays a list of 0-d tensors, so the output is differentiable
+        sig = list(sigmas.unbind()) if sigmas.requires_grad else sigmas.tolist()
+        out = self.fn(m, x, sig, generator, **self.options)
         self.nfe = m.nfe
         return out
 

@@ -11,6 +11,7 @@ import lightning as L
 
 from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
 from diffusionlab.evaluation.generator import DiffusionGenerator
+from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.evaluation.metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ class FIDCallback(L.Callback):
         self.cache_dir = Path(cache_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.sampler = dict(sampler or {"name": "heun", "nfe": 35})
+        self.sampler = resolve_sampler(
+            sampler or {"name": "heun", "nfe": 35}, key="callbacks.fid.sampler"
+        )
         self.extractor = extractor
         self.inception_weights = inception_weights
         self.metrics = list(metrics)
@@ -93,6 +96,7 @@ class FIDCallback(L.Callback):
             discretization=self.sampler.get("discretization", "karras"),
             options=dict(self.sampler.get("options") or {}),
             device=pl_module.device,
+            sigmas=self.sampler.get("sigmas"),
         )
         t0 = time.time()
         seeds = range(self.seed, self.seed + self.num_samples)

@@ -53,7 +53,7 @@ def module_generator(
     module: DiffusionModule, sampler: dict, guidance: float = 1.0, use_ema: bool = True
 ) -> DiffusionGenerator:
     """A :class:`DiffusionGenerator` over the module's (EMA) denoiser with ``sampler`` (``name``,
-    ``nfe``, ``discretization``, ``options``) and classifier-free guidance ``guidance``."""
+    ``nfe``, ``discretization``, ``options``, ``sigmas`` of a learned grid) and classifier-free guidance ``guidance``."""
     denoiser = module.ema if use_ema else module.denoiser
 
     def denoise(x, sigma, class_labels):
@@ -72,4 +72,5 @@ def module_generator(
         options=dict(sampler.get("options") or {}),
         guidance=guidance,
         device=module.device,
+        sigmas=sampler.get("sigmas"),
     )

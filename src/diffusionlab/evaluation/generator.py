@@ -22,6 +22,7 @@ Denoise = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 class DiffusionGenerator(GenerativeModelBase):
     """(denoiser, schedule, sampler, NFE) as a ``GenerativeModelBase``.
 
+    ``sigmas`` is the fitted grid when ``discretization`` is ``learned``.
     ``denoise(x, sigma, class_labels)`` is the (EMA, optionally guided) denoiser; ``class_labels``
     is a float one-hot ``[B, num_classes]`` or None; ``guidance`` w != 1 applies classifier-free
     guidance (the all-zeros label is the unconditional model). ``forward(z, labels)`` takes torch-fidelity's
@@ -41,6 +42,7 @@ class DiffusionGenerator(GenerativeModelBase):
         options: dict | None = None,
         guidance: float = 1.0,
         device: torch.device | str = "cpu",
+        sigmas: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.denoise = denoise
@@ -50,6 +52,7 @@ class DiffusionGenerator(GenerativeModelBase):
         self.sampler = sampler
         self.nfe = int(nfe)
         self.discretization = discretization
+        self.sigmas = sigmas  # the fitted grid of discretization 'learned'
         self.options = dict(options or {})
         self.guidance = float(guidance)
         self.device = torch.device(device)
@@ -97,6 +100,7 @@ class DiffusionGenerator(GenerativeModelBase):
             discretization=self.discretization,
             options=self.options,
             generator=generator,
+            grid_options={"sigmas": self.sigmas} if self.sigmas is not None else None,
         )
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:

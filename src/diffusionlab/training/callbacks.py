@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.training.images import log_image, save_samples_png
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ class SampleGrid(L.Callback):
         self.every_n_steps = every_n_steps
         self.n = n
         self.seed = seed
-        self.sampler = dict(sampler) if sampler else None
+        self.sampler = (
+            resolve_sampler(sampler, key="callbacks.sample_grid.sampler") if sampler else None
+        )
         self.dirname = dirname
         self.last_path: Path | None = None
 

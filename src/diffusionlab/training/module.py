@@ -161,7 +161,8 @@ class DiffusionModule(L.LightningModule):
     ) -> Tensor:
         """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching).
 
-        ``sampler`` holds ``name``, ``nfe``, ``discretization`` and ``options``; default: the
+        ``sampler`` holds ``name``, ``nfe``, ``discretization``, ``options`` (and ``sigmas`` of a
+        learned grid); default: the
         sampler stored in the hyperparameters.
         """
         cfg = dict(sampler or self.hparams.sampler or {"name": "heun", "nfe": 35})
@@ -181,5 +182,6 @@ class DiffusionModule(L.LightningModule):
             discretization=cfg.get("discretization", "karras"),
             options=dict(cfg.get("options") or {}),
             generator=gen,
+            grid_options={"sigmas": cfg["sigmas"]} if cfg.get("sigmas") is not None else None,
         )
         return out

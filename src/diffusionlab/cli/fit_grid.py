@@ -1,0 +1,115 @@
+"""``dl-fit-grid ckpt=... sampler=dpmpp_2m sampler.nfe=10``: fit the sampler's sigma grid to the
+checkpoint's EMA denoiser at that NFE (:func:`~diffusionlab.diffusion.grid_fit.fit_discretization`)
+and store it beside the checkpoint, where ``sampler.discretization=learned`` finds it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffusionlab.checks import number, sampler_numbers
+from diffusionlab.cli.common import run_cli, user_errors_exit
+from diffusionlab.config import CONF_DIR
+from diffusionlab.diffusion.grid_fit import GridFit, fit_discretization
+from diffusionlab.diffusion.samplers import get_sampler
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.checkpoint import load_module, pick_device
+from diffusionlab.evaluation.learned_grids import grid_path, save_grid
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
+    """Fit and store the grid; returns the file written and the fit."""
+    sampler_numbers(cfg)
+    for key in ("teacher_nfe", "num_samples", "num_validation", "num_heldout", "batch_size"):
+        number(cfg, f"fit.{key}", int, at_least=1)
+    number(cfg, "fit.steps", int, at_least=0)
+    number(cfg, "fit.eval_every", int, at_least=1)
+    number(cfg, "fit.lr", above=0)
+    number(cfg, "fit.radius", at_least=0)
+    if cfg.fit.dtype not in DTYPES:
+        raise ConfigError(f"fit.dtype={cfg.fit.dtype!r} must be one of {', '.join(DTYPES)}")
+    if cfg.sampler.discretization == "learned":
+        raise ConfigError("sampler.discretization=learned: the fit starts from fit.init instead")
+    name, nfe = str(cfg.sampler.name), int(cfg.sampler.nfe)
+    options = OmegaConf.to_container(cfg.sampler, resolve=True).get("options") or {}
+    try:
+        smp, teacher = get_sampler(name, **options), get_sampler(str(cfg.fit.teacher))
+    except ValueError as e:
+        raise ConfigError(f"sampler={name} / fit.teacher={cfg.fit.teacher}: {e}") from None
+    for s, key in ((smp, "sampler"), (teacher, "fit.teacher")):
+        if s.stochastic or s.name == "rk45":
+            raise ConfigError(f"{key}={s.name}: a learned grid needs a deterministic sampler")
+    module = load_module(cfg.ckpt, pick_device(cfg.device))
+    dtype = DTYPES[cfg.fit.dtype]
+    denoiser = (module.ema if cfg.use_ema else module.denoiser).to(dtype).requires_grad_(False)
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        labels = x.new_zeros(x.shape[0], module.label_dim) if module.label_dim else None
+        return denoiser(x, sigma, class_labels=labels)
+
+    schedule = module.schedule
+    lo, hi = float(schedule.sigma_min), float(schedule.sigma_max)
+    f = cfg.fit
+    try:
+        fit = fit_discretization(
+            denoise,
+            tuple(module.data_shape),
+            smp,
+            nfe,
+            teacher_nfe=int(f.teacher_nfe),
+            num_samples=int(f.num_samples),
+            num_validation=int(f.num_validation),
+            num_heldout=int(f.num_heldout),
+            teacher=teacher,
+            init=str(f.init),
+            sigma_min=lo,
+            sigma_max=hi,
+            bounds=(lo, hi) if f.learn_ends else None,
+            schedule=schedule,
+            radius=float(f.radius),
+            steps=int(f.steps),
+            lr=float(f.lr),
+            batch_size=int(f.batch_size),
+            eval_every=int(f.eval_every),
+            seed=int(f.seed),
+            device=module.device,
+            dtype=dtype,
+            log=log.info,
+        )
+    except ValueError as e:
+        raise ConfigError(f"sampler={name} nfe={nfe}: {e}") from None
+    path = Path(cfg.out) if cfg.out else grid_path(cfg.ckpt, name, nfe)
+    save_grid(path, fit, cfg.ckpt)
+    log.info(
+        "%s nfe=%d: held-out distance to the teacher %.5g -> %.5g (%.1f s); grid %s -> %s",
+        name,
+        nfe,
+        fit.heldout_before,
+        fit.heldout_after,
+        fit.seconds,
+        [round(s, 5) for s in fit.sigmas.tolist()],
+        path,
+    )
+    return path, fit
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit_grid")
+@user_errors_exit
+def app(cfg: DictConfig) -> None:
+    fit_grid(cfg)
+
+
+def main() -> None:
+    """``dl-fit-grid``: user errors end as one ``error: ...`` line, as in the other apps."""
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

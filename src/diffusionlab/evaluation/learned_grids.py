@@ -1,0 +1,115 @@
+"""Fitted sigma grids stored beside their checkpoint: ``<ckpt dir>/grids/<sampler>_nfe<n>.json``.
+
+A file holds the grid (``sigmas``, ending at 0), the sampler name, options and NFE it was fitted
+for, the checkpoint's name and SHA-256, the fit settings and the held-out errors. A sampler config
+with ``discretization: learned`` is resolved to one with the grid's ``sigmas`` by
+:func:`resolve_sampler`, which finds the file for the sampler and NFE (or reads ``sampler.grid``)
+and refuses a file fitted for another sampler, NFE or checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusionlab.diffusion.grid_fit import GridFit
+from diffusionlab.diffusion.samplers import check_sigmas
+from diffusionlab.errors import ConfigError
+
+
+def grid_path(ckpt: str | Path, sampler: str, nfe: int) -> Path:
+    """Where the grid fitted for ``sampler`` at ``nfe`` lives for checkpoint ``ckpt``."""
+    return Path(ckpt).expanduser().resolve().parent / "grids" / f"{sampler}_nfe{int(nfe)}.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_grid(path: str | Path, fit: GridFit, ckpt: str | Path | None = None) -> Path:
+    """Write ``fit`` (grid, sampler, NFE, settings, held-out errors, checkpoint) as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "sampler": fit.settings["sampler"],
+        "options": fit.settings["options"],
+        "nfe": fit.settings["nfe"],
+        "sigmas": fit.sigmas.tolist(),
+        "initial_sigmas": fit.initial.tolist(),
+        "heldout_before": fit.heldout_before,
+        "heldout_after": fit.heldout_after,
+        "fit_seconds": fit.seconds,
+        "settings": fit.settings,
+        "ckpt": str(Path(ckpt).name) if ckpt else None,
+        "ckpt_sha256": file_sha256(ckpt) if ckpt else None,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_grid(path: str | Path, key: str = "sampler.grid") -> dict[str, Any]:
+    """The stored record, its ``sigmas`` checked (strictly decreasing, ending at 0)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}={str(path)!r}: no such grid file")
+    try:
+        record = json.loads(path.read_text())
+        check_sigmas(torch.tensor(record["sigmas"], dtype=torch.float64))
+        record["sampler"], record["nfe"] = str(record["sampler"]), int(record["nfe"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{key}={str(path)!r} is not a fitted grid file ({e})") from None
+    return record
+
+
+def resolve_sampler(
+    sampler: dict[str, Any] | None, ckpt: str | Path | None = None, key: str = "sampler"
+) -> dict[str, Any] | None:
+    """``sampler`` with the stored grid's ``sigmas`` when ``discretization`` is ``learned``
+    (from ``sampler.grid``, else from beside ``ckpt``); other samplers are returned unchanged."""
+    if sampler is None:
+        return None
+    sampler = dict(sampler)
+    name, nfe = sampler.get("name", "heun"), int(sampler.get("nfe", 35))
+    if sampler.get("discretization") != "learned":
+        if sampler.get("grid"):
+            raise ConfigError(f"{key}.grid is read only with {key}.discretization=learned")
+        return sampler
+    fit_cmd = f"dl-fit-grid ckpt=<checkpoint> sampler={name} sampler.nfe={nfe}"
+    if sampler.get("grid"):
+        path = Path(str(sampler["grid"]))
+    elif ckpt:
+        path = grid_path(ckpt, name, nfe)
+        if not path.is_file():
+            raise ConfigError(
+                f"{key}.discretization=learned: no grid for sampler={name} nfe={nfe} at {path}; "
+                f"fit one with {fit_cmd} or pass {key}.grid=<file>"
+            )
+    else:
+        raise ConfigError(
+            f"{key}.discretization=learned needs {key}.grid=<file> (written by {fit_cmd})"
+        )
+    record = load_grid(path, f"{key}.grid")
+    options = dict(sampler.get("options") or {})
+    if (record["sampler"], record["nfe"], record.get("options") or {}) != (name, nfe, options):
+        raise ConfigError(
+            f"{key}.grid={str(path)!r} was fitted for sampler={record['sampler']} "
+            f"nfe={record['nfe']} options={record.get('options') or {}}; it cannot be used with "
+            f"sampler={name} nfe={nfe} options={options}: fit one with {fit_cmd}"
+        )
+    if ckpt and record.get("ckpt_sha256") and record["ckpt_sha256"] != file_sha256(ckpt):
+        raise ConfigError(
+            f"{key}.grid={str(path)!r} was fitted for another checkpoint ({record.get('ckpt')}), "
+            f"not ckpt={str(ckpt)!r}: fit one with {fit_cmd}"
+        )
+    sampler["sigmas"] = record["sigmas"]
+    return sampler
