@@ -64,7 +64,7 @@ def check_sampler(sampler: dict[str, Any], schedule: Any, key: str = "sampler") 
                 int(sampler.get("nfe", 35)),
                 sampler.get("discretization", "karras"),
                 options=options,
-                sigmas=sampler.get("sigmas"),
+                **({"sigmas": sampler["sigmas"]} if sampler.get("sigmas") is not None else {}),
             )
         )
     except (ValueError, TypeError, KeyError) as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,7 @@ class MonotoneGrid(torch.nn.Module):
         lo, hi = (float(pos[-1]), float(pos[0])) if bounds is None else map(float, bounds)
         if not 0 < lo <= float(pos[-1]) <= float(pos[0]) <= hi or lo == hi:
             raise ValueError(f"the initial grid must lie within the bounds [{lo}, {hi}]")
-        self.log_lo, self.log_hi = math.log(lo), math.log(hi)
+        self.lo, self.hi, self.log_lo, self.log_hi = lo, hi, math.log(lo), math.log(hi)
         logs = pos.log()
         inc = -logs.diff()
         if self.learn_ends:
@@ -71,13 +72,10 @@ class MonotoneGrid(torch.nn.Module):
 
     def forward(self) -> Tensor:
         frac = torch.softmax(self.logits, 0).cumsum(0)
-        span = self.log_hi - self.log_lo
-        logs = self.log_hi - span * frac[:-1]
+        sig = (self.log_hi - (self.log_hi - self.log_lo) * frac[:-1]).exp()
         if not self.learn_ends:  # the end points exactly
-            logs = torch.cat(
-                [frac.new_full((1,), self.log_hi), logs, frac.new_full((1,), self.log_lo)]
-            )
-        return torch.cat([logs.exp(), logs.new_zeros(1)])
+            sig = torch.cat([sig.new_tensor([self.hi]), sig, sig.new_tensor([self.lo])])
+        return torch.cat([sig, sig.new_zeros(1)])
 
 
 def _solve(
@@ -174,35 +172,37 @@ def fit_discretization(
     ball = radius * s_max * math.sqrt(math.prod(shape))
     params = [grid.logits] + ([offsets] if radius > 0 else [])
     opt = torch.optim.Adam(params, lr=lr)
-    best = grid().detach().cpu()
+    best = start.clone()  # the starting grid itself is a candidate
     best_err = error(best, z_val, y_val)
     history = [best_err]
     order = torch.Generator().manual_seed(seed + 3)
-    step = 0
-    while step < steps:
-        for idx in torch.randperm(num_samples, generator=order).split(batch_size):
-            sigmas = grid()
-            x_T = (z_fit[idx] * sigmas[0] + offsets[idx]).to(dtype)
-            out = smp(denoise, x_T, sigmas.to(dtype))
-            loss = (out - y_fit[idx]).pow(2).flatten(1).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if radius > 0:
-                with torch.no_grad():
-                    norms = offsets.flatten(1).norm(dim=1).clamp_min(1e-30)
-                    offsets.mul_((ball / norms).clamp(max=1.0).view(-1, *[1] * len(shape)))
-            step += 1
-            if step % eval_every == 0 or step == steps:
-                current = grid().detach().cpu()
-                err = error(current, z_val, y_val)
-                history.append(err)
-                if log is not None:
-                    log(f"step {step}: validation distance {err:.5g} (best {best_err:.5g})")
-                if err < best_err and bool((current[:-1].diff() < 0).all()):
-                    best, best_err = current, err
-            if step == steps:
-                break
+    with warnings.catch_warnings():  # denoisers check sigma > 0 through float(): torch warns
+        warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True")
+        step = 0
+        while step < steps:
+            for idx in torch.randperm(num_samples, generator=order).split(batch_size):
+                sigmas = grid()
+                x_T = (z_fit[idx] * sigmas[0] + offsets[idx]).to(dtype)
+                out = smp(denoise, x_T, sigmas.to(dtype))
+                loss = (out - y_fit[idx]).pow(2).flatten(1).sum(1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if radius > 0:
+                    with torch.no_grad():
+                        norms = offsets.flatten(1).norm(dim=1).clamp_min(1e-30)
+                        offsets.mul_((ball / norms).clamp(max=1.0).view(-1, *[1] * len(shape)))
+                step += 1
+                if step % eval_every == 0 or step == steps:
+                    current = grid().detach().cpu()
+                    err = error(current, z_val, y_val)
+                    history.append(err)
+                    if log is not None:
+                        log(f"step {step}: validation distance {err:.5g} (best {best_err:.5g})")
+                    if err < best_err and bool((current[:-1].diff() < 0).all()):
+                        best, best_err = current, err
+                if step == steps:
+                    break
     settings = {
         "sampler": smp.name,
         "options": dict(smp.options),

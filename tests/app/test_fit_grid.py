@@ -1,0 +1,191 @@
+"""dl-fit-grid: a grid fitted to a checkpoint, stored beside it, found by
+``sampler.discretization=learned`` in sample.py, evaluate.py and training, and refused when it
+does not fit the sampler, NFE or checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from diffusionlab.cli.common import USER_ERRORS, user_message
+from diffusionlab.cli.fit_grid import fit_grid
+from diffusionlab.cli.sample import sample
+from diffusionlab.cli.train import train
+from diffusionlab.config import CONF_DIR
+from diffusionlab.diffusion.samplers import check_sigmas
+from diffusionlab.evaluation.checkpoint import load_module
+from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.evaluation.learned_grids import file_sha256, load_grid, resolve_sampler
+
+from .helpers import compose_train, fast_overrides, run_app
+
+FIT = [
+    "fit.teacher_nfe=6",
+    "fit.num_samples=4",
+    "fit.num_validation=2",
+    "fit.num_heldout=4",
+    "fit.batch_size=4",
+    "fit.steps=2",
+    "fit.eval_every=1",
+    "device=cpu",
+]
+
+
+def _compose(name: str, overrides: list[str], output_dir: Path | None = None):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def _message(fn) -> str:
+    with pytest.raises(USER_ERRORS) as e:
+        fn()
+    text = user_message(e.value)
+    assert "\n" not in text and "Traceback" not in text
+    return text
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny digits checkpoint (2 steps) and the dpmpp_2m NFE-4 grid fitted beside it."""
+    run = tmp_path_factory.mktemp("run")
+    train(compose_train([*fast_overrides(run), "trainer.max_steps=2"], run))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    path, _ = fit_grid(_compose("fit_grid", [f"ckpt={ckpt}", "sampler.nfe=4", *FIT]))
+    return ckpt, path
+
+
+def test_the_stored_grid_round_trips_with_its_settings(fitted):
+    ckpt, path = fitted
+    assert path == ckpt.parent / "grids" / "dpmpp_2m_nfe4.json"
+    record = load_grid(path)
+    raw = json.loads(path.read_text())
+    assert record["sigmas"] == raw["sigmas"] and len(record["sigmas"]) == 5
+    check_sigmas(torch.tensor(record["sigmas"], dtype=torch.float64))
+    assert (record["sampler"], record["nfe"], record["options"]) == ("dpmpp_2m", 4, {})
+    assert record["ckpt"] == "last.ckpt" and record["ckpt_sha256"] == file_sha256(ckpt)
+    assert record["settings"]["teacher_nfe"] == 6 and record["settings"]["bounds"] == [0.002, 80]
+    assert record["heldout_after"] <= record["heldout_before"]
+    found = resolve_sampler({"name": "dpmpp_2m", "nfe": 4, "discretization": "learned"}, ckpt)
+    assert found["sigmas"] == record["sigmas"]
+
+
+def test_sample_py_draws_with_the_stored_grid(fitted, tmp_path):
+    ckpt, path = fitted
+    args = [f"ckpt={ckpt}", "sampler=dpmpp_2m", "sampler.nfe=4", "n=3", "npz=true", "png=false"]
+    out = sample(_compose("sample", [*args, "sampler.discretization=learned"], tmp_path / "a"))
+    got = np.load(out / "samples.npz")["samples"]
+    module = load_module(str(ckpt), torch.device("cpu"))
+    sigmas = load_grid(path)["sigmas"]
+    want = module.generate(
+        range(3),
+        sampler={"name": "dpmpp_2m", "nfe": 4, "discretization": "learned", "sigmas": sigmas},
+    )
+    assert np.array_equal(got, to_uint8_rgb(want)[:, :1].permute(0, 2, 3, 1).numpy())
+    karras = sample(_compose("sample", args, tmp_path / "b"))
+    assert not np.array_equal(got, np.load(karras / "samples.npz")["samples"])
+    given = sample(
+        _compose("sample", [*args, "sampler.discretization=learned", f"sampler.grid={path}"], tmp_path / "c")
+    )  # fmt: skip
+    assert np.array_equal(got, np.load(given / "samples.npz")["samples"])
+
+
+def test_a_grid_is_refused_for_another_sampler_nfe_or_checkpoint(fitted, tmp_path):
+    ckpt, path = fitted
+    base = [f"ckpt={ckpt}", "n=2", "sampler.discretization=learned"]
+
+    def sample_error(*args: str) -> str:
+        return _message(lambda: sample(_compose("sample", [*base, *args], tmp_path)))
+
+    msg = sample_error("sampler=heun", "sampler.nfe=4", f"sampler.grid={path}")
+    assert "was fitted for sampler=dpmpp_2m nfe=4" in msg and "sampler=heun nfe=4" in msg
+    msg = sample_error("sampler=dpmpp_2m", "sampler.nfe=5", f"sampler.grid={path}")
+    assert "was fitted for sampler=dpmpp_2m nfe=4" in msg and "dl-fit-grid" in msg
+    msg = sample_error("sampler=dpmpp_2m", "sampler.nfe=5")
+    assert "no grid for sampler=dpmpp_2m nfe=5 at" in msg and "dpmpp_2m_nfe5.json" in msg
+    other = tmp_path / "other" / "last.ckpt"
+    other.parent.mkdir()
+    shutil.copy(ckpt, other)
+    with open(other, "ab") as f:
+        f.write(b"\0")
+    msg = _message(
+        lambda: resolve_sampler(
+            {"name": "dpmpp_2m", "nfe": 4, "discretization": "learned", "grid": str(path)}, other
+        )
+    )
+    assert "fitted for another checkpoint" in msg
+    msg = sample_error(
+        "sampler=dpmpp_2m", "sampler.nfe=4", "sampler.discretization=karras", f"sampler.grid={path}"
+    )
+    assert "sampler.grid is read only with sampler.discretization=learned" in msg
+    assert "no such grid file" in sample_error("sampler.grid=/nonexistent.json")
+
+
+def test_fit_grid_refuses_stochastic_samplers_and_bad_settings(fitted):
+    ckpt, _ = fitted
+
+    def fit_error(*args: str) -> str:
+        return _message(lambda: fit_grid(_compose("fit_grid", [f"ckpt={ckpt}", *FIT, *args])))
+
+    assert "needs a deterministic sampler" in fit_error("sampler=euler_ancestral")
+    assert "fit.steps=-1 must be >= 0" in fit_error("fit.steps=-1")
+    assert "fit.dtype='float16'" in fit_error("fit.dtype=float16")
+    assert "ckpt=... is required" in _message(lambda: fit_grid(_compose("fit_grid", FIT)))
+
+
+def test_training_callbacks_sample_with_a_learned_grid(fitted, tmp_path):
+    _, path = fitted
+    sampler = ["sampler=dpmpp_2m", "sampler.nfe=4", "sampler.discretization=learned"]
+    overrides = [*fast_overrides(tmp_path), "trainer.max_steps=1", *sampler, f"sampler.grid={path}"]
+    train(compose_train(overrides, tmp_path))
+    state = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert state["hyper_parameters"]["sampler"]["sigmas"] == load_grid(path)["sigmas"]
+    assert any((tmp_path / "samples").glob("step_*.png"))
+    msg = _message(lambda: train(compose_train([*fast_overrides(tmp_path), *sampler], tmp_path)))
+    assert "sampler.discretization=learned needs sampler.grid=<file>" in msg
+
+
+@pytest.mark.slow
+def test_dl_fit_grid_then_evaluate_sweeps_learned_beside_karras(fitted, tmp_path):
+    ckpt, _ = fitted
+    res = run_app(
+        "src/diffusionlab/cli/fit_grid.py",
+        [f"ckpt={ckpt}", "sampler=euler", "sampler.nfe=3", f"out={ckpt.parent}/grids/euler_nfe3.json", *FIT],
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (ckpt.parent / "grids" / "euler_nfe3.json").is_file()
+    res = run_app(
+        "evaluate.py",
+        [
+            f"ckpt={ckpt}",
+            "dataset=digits",
+            "sampler=euler",
+            "sampler.nfe=3",
+            "eval.num_samples=20",
+            "eval.extractor_steps=20",
+            "eval.metrics=[fid]",
+            f"eval.cache_dir={tmp_path / 'cache'}",
+            "sweep.samplers=[euler]",
+            "sweep.grids=[karras,learned]",
+            "sweep.nfe=[3]",
+            f"paths.log_dir={tmp_path}",
+        ],
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = next(tmp_path.rglob("nfe_sweep.csv")).parent
+    result = json.loads((run / "metrics.json").read_text())
+    assert [r["sampler"] for r in result["sweep"]] == ["euler/karras", "euler/learned"]
+    assert (run / "fid_vs_nfe.png").is_file()
