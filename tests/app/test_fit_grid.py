@@ -24,7 +24,7 @@ from diffusionlab.evaluation.checkpoint import load_module
 from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.learned_grids import file_sha256, load_grid, resolve_sampler
 
-from .helpers import compose_train, fast_overrides, run_app
+from .helpers import compose_train, fast_overrides
 
 FIT = [
     "fit.teacher_nfe=6",
@@ -155,37 +155,3 @@ def test_training_callbacks_sample_with_a_learned_grid(fitted, tmp_path):
     assert any((tmp_path / "samples").glob("step_*.png"))
     msg = _message(lambda: train(compose_train([*fast_overrides(tmp_path), *sampler], tmp_path)))
     assert "sampler.discretization=learned needs sampler.grid=<file>" in msg
-
-
-@pytest.mark.slow
-def test_dl_fit_grid_then_evaluate_sweeps_learned_beside_karras(fitted, tmp_path):
-    ckpt, _ = fitted
-    res = run_app(
-        "src/diffusionlab/cli/fit_grid.py",
-        [f"ckpt={ckpt}", "sampler=euler", "sampler.nfe=3", f"out={ckpt.parent}/grids/euler_nfe3.json", *FIT],
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert (ckpt.parent / "grids" / "euler_nfe3.json").is_file()
-    res = run_app(
-        "evaluate.py",
-        [
-            f"ckpt={ckpt}",
-            "dataset=digits",
-            "sampler=euler",
-            "sampler.nfe=3",
-            "eval.num_samples=20",
-            "eval.extractor_steps=20",
-            "eval.metrics=[fid]",
-            f"eval.cache_dir={tmp_path / 'cache'}",
-            "sweep.samplers=[euler]",
-            "sweep.grids=[karras,learned]",
-            "sweep.nfe=[3]",
-            f"paths.log_dir={tmp_path}",
-        ],
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    run = next(tmp_path.rglob("nfe_sweep.csv")).parent
-    result = json.loads((run / "metrics.json").read_text())
-    assert [r["sampler"] for r in result["sweep"]] == ["euler/karras", "euler/learned"]
-    assert (run / "fid_vs_nfe.png").is_file()

@@ -105,3 +105,18 @@ def test_edm_compare_against_a_checkout():
 def test_ddp_smoke():
     res = run_bench("ddp", "--quick", *TINY, timeout=600)
     assert set(res["images_per_s"]) == {"1", "2"} and res["ratio"] > 0
+
+
+def test_learned_grids_smoke_beats_the_grid_it_started_from():
+    args = ["--nfe", "5", "--samplers", "dpmpp_2m", "--targets", "gaussian16"]
+    res = run_bench("learned_grids", *args, "--steps", "15", "--n-fit", "16", "--n-test", "64")
+    (row,) = res["results"]
+    (learned,) = row["learned"]
+    assert (row["target"], row["nfe"], learned["sampler"]) == ("gaussian16", 5, "dpmpp_2m")
+    # 9 of our samplers x 3 hand-made grids (k-diffusion's too when installed)
+    assert len([r for r in row["hand_made"] if r["who"] == "ours"]) == 27
+    start = next(
+        r for r in row["hand_made"] if (r["sampler"], r["grid"]) == ("dpmpp_2m", "karras")
+    )
+    assert learned["error"] < start["error"] and learned["heldout_after"] <= learned["heldout_before"]
+    assert row["ratio"] == pytest.approx(learned["error"] / row["best_hand_made"]["error"])
