@@ -115,8 +115,8 @@ def test_learned_grids_smoke_beats_the_grid_it_started_from():
     assert (row["target"], row["nfe"], learned["sampler"]) == ("gaussian16", 5, "dpmpp_2m")
     # 9 of our samplers x 3 hand-made grids (k-diffusion's too when installed)
     assert len([r for r in row["hand_made"] if r["who"] == "ours"]) == 27
-    start = next(
-        r for r in row["hand_made"] if (r["sampler"], r["grid"]) == ("dpmpp_2m", "karras")
+    start = next(r for r in row["hand_made"] if (r["sampler"], r["grid"]) == ("dpmpp_2m", "karras"))
+    assert (
+        learned["error"] < start["error"] and learned["heldout_after"] <= learned["heldout_before"]
     )
-    assert learned["error"] < start["error"] and learned["heldout_after"] <= learned["heldout_before"]
     assert row["ratio"] == pytest.approx(learned["error"] / row["best_hand_made"]["error"])

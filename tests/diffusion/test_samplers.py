@@ -344,7 +344,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 @pytest.mark.parametrize("path", sorted((CONF / "sampler").glob("*.yaml")), ids=lambda p: p.stem)
 def test_sampler_configs_build_and_run(gauss, path):
     cfg = OmegaConf.to_container(OmegaConf.load(path))
-    assert set(cfg) == {"name", "nfe", "discretization", "options"} and cfg["name"] == path.stem
+    assert set(cfg) == {"name", "nfe", "discretization", "grid", "options"}
+    assert cfg["name"] == path.stem and cfg["grid"] is None
     smp = S.get_sampler(cfg["name"], **cfg["options"])
     sig = S.sigmas_for_nfe(
         get_schedule("edm"), cfg["name"], 6, cfg["discretization"], options=cfg["options"]
@@ -363,6 +364,7 @@ def test_hydra_override_selects_sampler_and_nfe():
         "name": "dpmpp_2m",
         "nfe": 20,
         "discretization": "karras",
+        "grid": None,
         "options": {},
     }
 

@@ -79,11 +79,11 @@ def resolve_sampler(
     if sampler is None:
         return None
     sampler = dict(sampler)
-    name, nfe = sampler.get("name", "heun"), int(sampler.get("nfe", 35))
     if sampler.get("discretization") != "learned":
         if sampler.get("grid"):
             raise ConfigError(f"{key}.grid is read only with {key}.discretization=learned")
         return sampler
+    name, nfe = sampler.get("name", "heun"), sampler.get("nfe", 35)
     fit_cmd = f"dl-fit-grid ckpt=<checkpoint> sampler={name} sampler.nfe={nfe}"
     if sampler.get("grid"):
         path = Path(str(sampler["grid"]))
