@@ -27,7 +27,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
     """Fit and store the grid; returns the file written and the fit."""
     sampler_numbers(cfg)
-    for key in ("teacher_nfe", "num_samples", "num_validation", "num_heldout", "batch_size"):
+    sizes = ("teacher_nfe", "num_samples", "num_validation", "num_heldout", "batch_size")
+    for key in (*sizes, "eval_batch_size"):
         number(cfg, f"fit.{key}", int, at_least=1)
     number(cfg, "fit.steps", int, at_least=0)
     number(cfg, "fit.eval_every", int, at_least=1)
@@ -77,6 +78,7 @@ def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
             steps=int(f.steps),
             lr=float(f.lr),
             batch_size=int(f.batch_size),
+            eval_batch_size=int(f.eval_batch_size),
             eval_every=int(f.eval_every),
             seed=int(f.seed),
             device=module.device,

@@ -110,6 +110,7 @@ def fit_discretization(
     steps: int = 200,
     lr: float = 0.05,
     batch_size: int | None = None,
+    eval_batch_size: int = 64,
     eval_every: int = 10,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -123,7 +124,8 @@ def fit_discretization(
     picks the iterate) and ``seed + 2`` (held-out, reported). ``init`` is a discretization name
     (``karras``, ``logsnr``, ``time_uniform`` with ``schedule``) or a grid ending at 0 with the
     sampler's number of steps. Adam with ``lr`` on the logits (and on the soft-teacher-forcing
-    offsets when ``radius`` > 0) for ``steps`` steps over minibatches of ``batch_size``."""
+    offsets when ``radius`` > 0) for ``steps`` steps over minibatches of ``batch_size``; solves
+    without gradients (teacher, validation, held-out) run ``eval_batch_size`` draws at a time."""
     smp = get_sampler(sampler) if isinstance(sampler, str) else sampler
     tch = get_sampler(teacher) if isinstance(teacher, str) else teacher
     for s, key in ((smp, "sampler"), (tch, "teacher")):
@@ -155,7 +157,7 @@ def fit_discretization(
         g = torch.Generator().manual_seed(seed + offset)
         z = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
         with torch.no_grad():
-            target = _solve(tch, denoise, z * t_grid[0], t_grid, batch_size)
+            target = _solve(tch, denoise, z * t_grid[0], t_grid, eval_batch_size)
         return z, target
 
     t0 = time.time()
@@ -166,7 +168,7 @@ def fit_discretization(
     def error(sigmas: Tensor, z: Tensor, y: Tensor) -> float:
         with torch.no_grad():
             sig = sigmas.detach().to(device=device, dtype=dtype)
-            return _distance(_solve(smp, denoise, z * sig[0], sig, batch_size), y)
+            return _distance(_solve(smp, denoise, z * sig[0], sig, eval_batch_size), y)
 
     offsets = torch.zeros_like(z_fit, requires_grad=radius > 0)
     ball = radius * s_max * math.sqrt(math.prod(shape))
