@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from diffusionlab.diffusion import discretizations as dz
+from diffusionlab.diffusion import fit_discretization
 from diffusionlab.diffusion import samplers as S
 from diffusionlab.diffusion.analytic import Gaussian
-from diffusionlab.diffusion.grid_fit import MonotoneGrid, fit_discretization
+from diffusionlab.diffusion.grid_fit import MonotoneGrid
 
 DETERMINISTIC = [
     ("euler", {}),

@@ -1,1 +1,5 @@
-"""diffusionlab.diffusion"""
+"""diffusionlab.diffusion: the math in EDM's sigma-space (see docs/architecture.md)."""
+
+from diffusionlab.diffusion.grid_fit import fit_discretization
+
+__all__ = ["fit_discretization"]
