@@ -43,8 +43,8 @@ def test_every_learned_grids_doc_command_runs(tmp_path):
     commands = _commands()
     assert [c.split(" ckpt")[0].split(" sampler")[0] for c in commands] == list(tiny)
     for line, extra in zip(commands, tiny.values(), strict=True):
-        cmd = line.replace("dl-fit-grid", f"{sys.executable} -m diffusionlab.cli.fit_grid", 1)
-        cmd = cmd.replace("python ", f"{sys.executable} ", 1)
+        cmd = line.replace("python ", f"{sys.executable} ", 1)
+        cmd = cmd.replace("dl-fit-grid", f"{sys.executable} -m diffusionlab.cli.fit_grid", 1)
         res = subprocess.run(
             f"{cmd} {extra}", shell=True, cwd=ROOT, env=env, capture_output=True, text=True
         )
