@@ -6,7 +6,8 @@ already scaled to ``sigmas[0]``, ``sigmas`` is strictly decreasing and ends at 0
 ``{'i', 'sigma', 'x', 'denoised', 'nfe'}`` after each network evaluation that starts a step, and
 ``sampler.nfe`` holds the exact count of the last run. All noise comes from
 :func:`diffusionlab.diffusion.noise.randn_like`, so per-sample generators give batch-independent
-samples. Cost model (NFE for a grid of N positive sigmas): one evaluation per step for most
+samples. A grid that requires grad reaches the samplers as 0-d tensors, so every deterministic
+sampler's output is differentiable in the sigmas (learned grids, ``grid_fit.py``). Cost model (NFE for a grid of N positive sigmas): one evaluation per step for most
 samplers; 2N - 1 for Heun-type ones (the last step to 0 is Euler); N + 1 for PLMS;
 (1 + n_corrector) N for predictor-corrector; adaptive for RK45.
 """
