@@ -98,7 +98,9 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         label_dim=label_dim,
         lr_warmup_steps=cfg.lr_warmup_steps,
         sampler=_container(cfg.sampler),
+        lr_schedule=_container(cfg.get("lr_schedule")),
     )
+    module.lr_schedule()  # a bad lr_schedule.* value stops here, not at the first step
     check_fits(module, dataset.shape)
     check_sampler(module.hparams.sampler or {}, module.schedule)
     if cfg.get("channels_last"):
@@ -160,7 +162,9 @@ def make_trainer(
     preemption, compile) and the gradient accumulation derived from the global batch."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [
-        NonFiniteGuard(number(cfg, "max_nonfinite_steps", int, at_least=1)),
+        NonFiniteGuard(
+            number(cfg, "max_nonfinite_steps", int, at_least=1), bool(cfg.get("grad_nan_to_num"))
+        ),
         Preemption(Path(cfg.paths.output_dir) / "checkpoints"),
     ]
     callbacks += [CompileNetwork()] if cfg.get("compile") else []

@@ -22,6 +22,7 @@ from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.ema import ema_update
+from diffusionlab.training.lr_schedules import Constant, build_lr_schedule
 from diffusionlab.training.performance import fast_optimizer_options
 from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
 
@@ -42,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         lr_warmup_steps: int = 0,
         loss_buckets: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 10.0),
         sampler: dict | None = None,
+        lr_schedule: dict | None = None,
     ) -> None:
         super().__init__()
         # the app logs the whole run config; these hparams only rebuild the module from checkpoints
@@ -132,6 +134,10 @@ class DiffusionModule(L.LightningModule):
             restore_rank_rng_states(self._rng_states, self.global_rank)
             self._rng_states = None
 
+    def lr_schedule(self) -> Constant:
+        """The factor on ``optimizer.lr`` per optimizer step (training/lr_schedules.py)."""
+        return build_lr_schedule(self.hparams.get("lr_schedule"), self.hparams.lr_warmup_steps)
+
     def configure_optimizers(self) -> dict:
         factory = instantiate(self.hparams.optimizer)
         params = list(self.parameters())
@@ -141,10 +147,7 @@ class DiffusionModule(L.LightningModule):
         amp_clip = amp_clip and bool(trainer.gradient_clip_val)
         kernels = fast_optimizer_options(factory, params, allow_fused=not amp_clip)
         optimizer = factory(params=params, **kernels)
-        warmup = max(int(self.hparams.lr_warmup_steps), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
