@@ -95,6 +95,7 @@ PAPER = {
         "data.batch_size": 512,
         "trainer.max_steps": 200_000_000 // 512,
         "trainer.gradient_clip_val": None,
+        "trainer.precision": "32-true",
         "ema.halflife_kimg": 500,
         "ema.rampup_ratio": 0.05,
         "grad_nan_to_num": True,

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from app.helpers import compose_train, fast_overrides
-from diffusionlab.cli.train import train
+from diffusionlab.cli.train import build, train
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.lr_schedules import Constant, Cosine, InverseSqrt, build_lr_schedule
@@ -105,3 +105,9 @@ def test_the_optimizer_uses_the_schedule_per_step_and_resumes_exactly(tmp_path):
     resumed += [f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step_000003.ckpt'}"]
     train(compose_train(resumed, tmp_path / "resumed"))
     assert _lrs(tmp_path / "resumed" / "metrics.csv") == pytest.approx(want[3:])
+
+
+def test_cosine_without_max_steps_stops_before_training(tmp_path):
+    args = [*fast_overrides(tmp_path), "lr_schedule=cosine", "trainer.max_steps=-1"]
+    with pytest.raises(ConfigError, match=r"lr_schedule.total_steps=-1 must exceed"):
+        build(compose_train(args, tmp_path))
