@@ -247,10 +247,16 @@ def test_edm2_img64_without_its_folder_says_which_key(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("preset", "params"),
-    [("ddpm_cifar10", 39_390_339), ("rf_cifar10", 61_804_419), ("edm_cifar10_ddpmpp", 55_732_739)],
+    [
+        ("ddpm_cifar10", 39_390_339),
+        ("rf_cifar10", 61_804_419),
+        ("edm_cifar10_ddpmpp", 55_732_739),  # EDM's reported count (conf/model/unet_ddpmpp.yaml)
+        ("edm_cifar10_ncsnpp", 56_395_523),
+    ],
 )
 def test_full_size_network_maps_cifar_shape(tmp_path, preset, params):
     folder = image_folder(tmp_path / "images", 3, 32, 0, n=2)
     overrides = [*doc_commands()[preset], "dataset=image_folder", f"dataset.path={folder}"]
+    overrides += ["data.batch_size=2"]
     module, _ = build(compose_train(overrides, tmp_path))  # build() runs one forward pass
     assert sum(p.numel() for p in module.denoiser.parameters()) == params
