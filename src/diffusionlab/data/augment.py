@@ -37,6 +37,8 @@ SYM6 = (
     0.0017677118642428036,
     -0.007800708325034148,
 )
+# the filter's centroid less the centre its convolution padding assumes (0.098 fine pixels)
+_SYM6_DELAY = sum(k * h for k, h in enumerate(SYM6)) / sum(SYM6) - (len(SYM6) - 1) // 2
 _MARGIN = len(SYM6) // 4  # extra pixels each side so the filters see no output border
 
 # fixed per-sample draws: uniforms and normals, one slot per use (see AugmentPipe.draw)
@@ -187,8 +189,11 @@ class AugmentPipe:
             g_inv = g_inv @ rotate2d(theta)
             labels.append(torch.stack([theta.cos() - 1, theta.sin()], dim=1))
         if self.aniso > 0:
-            a_log = torch.where(gate(12, self.aniso), z[:, 1], zero)
-            r = torch.where(u[:, 13] < self.aniso_rotate_prob, (u[:, 14] * 2 - 1) * math.pi, zero)
+            on = gate(12, self.aniso)
+            a_log = torch.where(on, z[:, 1], zero)
+            # the frame rotation only where the scaling happens: others stay exactly unwarped
+            on = on & (u[:, 13] < self.aniso_rotate_prob)
+            r = torch.where(on, (u[:, 14] * 2 - 1) * math.pi, zero)
             s = (a_log * self.aniso_std).exp2()
             g_inv = g_inv @ rotate2d(-r) @ scale2d(1 / s, s) @ rotate2d(r)
             labels.append(torch.stack([a_log * r.cos(), a_log * r.sin()], dim=1))
@@ -266,9 +271,11 @@ def warp(images: Tensor, g_inv: Tensor) -> Tensor:
     def const(*v: float) -> list[Tensor]:
         return [torch.full((n,), float(x), dtype=torch.float64) for x in v]
 
-    # centred coordinates at 2x: the filters delay by half a fine pixel each way
-    to_up = translate2d(*const(-0.5, -0.5)) @ scale2d(*const(2, 2))
-    from_out = scale2d(*const(0.5, 0.5)) @ translate2d(*const(0.5, 0.5))
+    # centred coordinates: fine pixel c sits at coarse 2 x - 1/2 + delay in both ``up`` and the
+    # grid that is down-sampled (zero insertion / decimation and the filter's DC group delay)
+    shift = _SYM6_DELAY - 0.5
+    to_up = translate2d(*const(shift, shift)) @ scale2d(*const(2, 2))
+    from_out = scale2d(*const(0.5, 0.5)) @ translate2d(*const(-shift, -shift))
     g = to_up @ g_inv.double().cpu() @ from_out
     # normalised coordinates (align_corners=False): u = 2 x / size for centred x
     g = scale2d(*const(2 / up.shape[3], 2 / up.shape[2])) @ g @ scale2d(*const(wo / 2, ho / 2))
