@@ -40,13 +40,19 @@ def unflipped_fraction(samples: torch.Tensor, patterns: torch.Tensor) -> float:
     return float((nearest == 0).float().mean())
 
 
-def train_and_sample(tmp_path: Path, data: torch.Tensor, overrides: list[str], steps: int) -> float:
-    """Train unet_tiny (8x8, EDM) with the real app's build/trainer on ``data``; returns the
-    un-flipped fraction of 64 samples (Heun, 17 NFE, non-EMA weights)."""
+def train_and_sample(
+    tmp_path: Path, data: torch.Tensor, overrides: list[str], steps: int, lr: float = 2e-3
+) -> float:
+    """Train a small unet_tiny (8x8, EDM) with the real app's build/trainer on ``data``; returns the
+    un-flipped fraction of 128 samples (Heun, 17 NFE, non-EMA weights)."""
     cfg = compose_train(
         [
             "dataset=digits",
             "model=unet_tiny",
+            # a smaller U-Net: 8 and 16 channels at 8x8 and 4x4, no attention
+            "model.model_channels=8",
+            "model.channel_mult=[1,2]",
+            "model.attn_resolutions=[]",
             "trainer=cpu",
             f"trainer.max_steps={steps}",
             "trainer.max_time=null",
@@ -55,7 +61,7 @@ def train_and_sample(tmp_path: Path, data: torch.Tensor, overrides: list[str], s
             "logger=none",
             "callbacks=none",
             "data.batch_size=32",
-            "optimizer.lr=2e-3",
+            f"optimizer.lr={lr}",
             "lr_warmup_steps=20",
             *overrides,
         ],
@@ -67,7 +73,7 @@ def train_and_sample(tmp_path: Path, data: torch.Tensor, overrides: list[str], s
     datamodule = DiffusionDataModule(dataset, batch_size=32, seed=int(cfg.seed))
     make_trainer(cfg, datamodule).fit(module, datamodule=datamodule)
     samples = module.cpu().generate(
-        list(range(64)), sampler={"name": "heun", "nfe": 17}, use_ema=False
+        list(range(128)), sampler={"name": "heun", "nfe": 17}, use_ema=False
     )
     return unflipped_fraction(samples, l_patterns())
 
@@ -89,12 +95,10 @@ FLIPS += ["model.augment_dim=2"]
 @pytest.mark.slow
 def test_flip_augmentation_does_not_leak(tmp_path):
     """Flips at p=1 (3 in 4 training images flipped) through the augment labels: the samples
-    at zero labels are un-flipped L's. The same flipped images as plain data do leak."""
-    steps = 400
-    clean = train_and_sample(tmp_path / "aug", l_patterns(), FLIPS, steps)
-    leaky = train_and_sample(
-        tmp_path / "plain", orientations(l_patterns()).flatten(0, 1), [], steps
-    )
+    at zero labels are un-flipped L's (0.95 measured). The same flipped images as plain data
+    leak: a quarter of the samples are un-flipped (0.25 measured)."""
+    clean = train_and_sample(tmp_path / "aug", l_patterns(), FLIPS, steps=600)
+    leaky = train_and_sample(tmp_path / "plain", orientations(l_patterns()).flatten(0, 1), [], 600)
     print(f"un-flipped fraction: augment labels {clean:.3f}, flipped data {leaky:.3f}")
     assert clean >= 0.9
-    assert leaky <= 0.5
+    assert leaky <= 0.4
