@@ -218,7 +218,10 @@ class AugmentPipe:
         reflection at the borders; samples whose parameters are all zero are left untouched."""
         dev = images.device
         flips, quarter, shift = flips.to(dev), quarter.to(dev), shift.to(dev)
-        col = lambda m: m.view(-1, 1, 1, 1)  # noqa: E731
+
+        def col(mask: Tensor) -> Tensor:  # per-sample mask -> broadcastable over C, H, W
+            return mask.view(-1, 1, 1, 1)
+
         images = torch.where(
             col(flips[:, 1] | (quarter == 1) | (quarter == 2)), images.flip(3), images
         )
