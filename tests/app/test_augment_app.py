@@ -68,3 +68,19 @@ def test_user_errors_name_the_key(tmp_path, args, key):
     with pytest.raises(USER_ERRORS) as e:
         build(cfg)
     assert key in user_message(e.value)
+
+
+def test_a_samples_augmented_loss_does_not_depend_on_its_batch(tmp_path):
+    """batch_loss draws each sample's augmentation from its own seed: a sample's loss is the
+    same alone or in a batch, and changes when augmentation is on (p=1)."""
+    args = [*fast_overrides(tmp_path, callbacks=False), "augment=edm", "augment.p=1"]
+    module, datamodule = build(compose_train(args, tmp_path))
+    x = torch.stack([datamodule.dataset[i][0] for i in range(6)])
+    labels, seeds = torch.zeros(6, dtype=torch.long), torch.arange(100, 106)
+    with torch.no_grad():
+        whole, _ = module.batch_loss((x, labels, seeds))
+        part, _ = module.batch_loss((x[3:5], labels[3:5], seeds[3:5]))
+        module.augment_pipe = None
+        plain, _ = module.batch_loss((x, labels, seeds))
+    torch.testing.assert_close(part, whole[3:5], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(plain, whole, rtol=1e-3)
