@@ -19,6 +19,7 @@ from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.objective import optimized_value
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
+from diffusionlab.data.augment import check_augment
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.loggers import finish_wandb_run
@@ -52,6 +53,9 @@ def check_numbers(cfg: DictConfig) -> None:
     number(cfg, "lr_warmup_steps", int, at_least=0)
     number(cfg, "label_dim", int, at_least=0)
     sampler_numbers(cfg)
+    for key in cfg.get("augment") or {}:
+        if key != "_target_":
+            number(cfg, f"augment.{key}", at_least=0)
     try:
         for group in ("model", "dataset"):
             OmegaConf.to_container(cfg[group], resolve=True)
@@ -99,8 +103,10 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         lr_warmup_steps=cfg.lr_warmup_steps,
         sampler=_container(cfg.sampler),
         lr_schedule=_container(cfg.get("lr_schedule")),
+        augment=_container(cfg.get("augment")),
     )
     module.lr_schedule()  # a bad lr_schedule.* value stops here, not at the first step
+    check_augment(module.augment_pipe, int(cfg.model.get("augment_dim", 0)), dataset.shape)
     check_fits(module, dataset.shape)
     check_sampler(module.hparams.sampler or {}, module.schedule)
     if cfg.get("channels_last"):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
+from diffusionlab.data.augment import augment_seeds
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
@@ -44,6 +45,7 @@ class DiffusionModule(L.LightningModule):
         loss_buckets: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 10.0),
         sampler: dict | None = None,
         lr_schedule: dict | None = None,
+        augment: dict | None = None,
     ) -> None:
         super().__init__()
         # the app logs the whole run config; these hparams only rebuild the module from checkpoints
@@ -54,6 +56,8 @@ class DiffusionModule(L.LightningModule):
         self.loss_fn = instantiate(loss)(
             schedule=self.schedule, parameterization=self.denoiser.parameterization
         )
+        # EDM's non-leaking augmentation (data/augment.py); None = off
+        self.augment_pipe = instantiate(augment) if augment else None
         self.ema_schedule = instantiate(ema)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
         self.data_shape = tuple(int(d) for d in data_shape)
@@ -72,12 +76,20 @@ class DiffusionModule(L.LightningModule):
         return F.one_hot(labels, self.label_dim).float()
 
     def batch_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``: the sigma and noise of
-        each sample come from its own seed (data/sampler.py), drawn on the CPU."""
+        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``: the sigma, noise and
+        augmentation of each sample come from its own seed (data/sampler.py), drawn on the CPU."""
         x0, labels, seeds = batch
+        augment_labels = None
+        if self.augment_pipe is not None:
+            aug_gen = StackedRandomGenerator(augment_seeds(seeds.tolist()))
+            x0, augment_labels = self.augment_pipe(x0, aug_gen)
         generator = StackedRandomGenerator(seeds.tolist())
         return self.loss_fn(
-            self.denoiser, x0, class_labels=self.one_hot(labels), generator=generator
+            self.denoiser,
+            x0,
+            class_labels=self.one_hot(labels),
+            augment_labels=augment_labels,
+            generator=generator,
         )
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
