@@ -99,6 +99,9 @@ PAPER = {
         "ema.halflife_kimg": 500,
         "ema.rampup_ratio": 0.05,
         "grad_nan_to_num": True,
+        "augment.p": 0.12,
+        "augment.xflip": 1e8,
+        "model.augment_dim": 9,
         "sampler.name": "heun",
         "sampler.nfe": 35,
         "label_dim": 0,
@@ -250,8 +253,10 @@ def test_edm2_img64_without_its_folder_says_which_key(tmp_path):
     [
         ("ddpm_cifar10", 39_390_339),
         ("rf_cifar10", 61_804_419),
-        ("edm_cifar10_ddpmpp", 55_732_739),  # EDM's reported count (conf/model/unet_ddpmpp.yaml)
-        ("edm_cifar10_ncsnpp", 56_395_523),
+        # EDM's counts (conf/model/unet_ddpmpp.yaml: 55,732,739) + the augment-label embedding
+        # (9 x noise channels: 128 for DDPM++, 256 for NCSN++) that EDM's CIFAR-10 networks carry
+        ("edm_cifar10_ddpmpp", 55_732_739 + 9 * 128),
+        ("edm_cifar10_ncsnpp", 56_395_523 + 9 * 256),
     ],
 )
 def test_full_size_network_maps_cifar_shape(tmp_path, preset, params):
