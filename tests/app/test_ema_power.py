@@ -19,10 +19,11 @@ from diffusionlab.training.ema_power import sigma_rel_to_gamma
 
 from .helpers import ROOT, compose_train, fast_overrides, run_app
 
-STEPS = 30
+STEPS = 24
+EVERY = 3
 
 
-def _train_power(tmp_path: Path, sigma_rels: str, steps: int = STEPS) -> Path:
+def _train_power(tmp_path: Path, sigma_rels: str, steps: int = STEPS, every: int = 1) -> Path:
     run = tmp_path / "run"
     overrides = [
         *fast_overrides(tmp_path),
@@ -31,7 +32,7 @@ def _train_power(tmp_path: Path, sigma_rels: str, steps: int = STEPS) -> Path:
         f"trainer.max_steps={steps}",
         "ema=power",
         f"ema.sigma_rels={sigma_rels}",
-        "ema.snapshot_every=1",
+        f"ema.snapshot_every={every}",
     ]
     train(compose_train(overrides, run))
     return run
@@ -55,12 +56,13 @@ def _weights(state: dict, prefix: str) -> torch.Tensor:
 
 
 def test_reconstructed_ema_matches_directly_tracked_profile(tmp_path):
-    """sigma_rel 0.07 rebuilt from the 0.05 and 0.10 snapshots of a 30-step run is within 2% of
-    the 0.05-0.10 gap of the 0.07 EMA tracked in the same run (about 0.3% measured on CPU; the
-    gap is the scale at which EMA lengths differ). Then sample.py takes the output."""
-    run = _train_power(tmp_path, "[0.05,0.1,0.07]")
+    """sigma_rel 0.07 rebuilt from the 0.05 and 0.10 snapshots (every 3rd of 24 steps) is within
+    1% of the distance between the 0.05 and 0.10 EMAs from the 0.07 EMA tracked directly in the
+    same run (0.09% measured on CPU; that distance is the scale at which EMA lengths differ), and
+    within 1e-5 of the weights' norm (1.1e-6 measured). Then sample.py takes the output."""
+    run = _train_power(tmp_path, "[0.05,0.1,0.07]", every=EVERY)
     snaps = sorted((run / "ema_snapshots").glob("*.pt"))
-    assert len(snaps) == 3 * STEPS
+    assert len(snaps) == 3 * STEPS // EVERY
     meta = torch.load(snaps[-1], weights_only=True)
     assert (meta["step"], meta["images_seen"], meta["sigma_rel"]) == (STEPS, STEPS * 16, 0.1)
     assert meta["gamma"] == pytest.approx(sigma_rel_to_gamma(0.1))
@@ -71,19 +73,22 @@ def test_reconstructed_ema_matches_directly_tracked_profile(tmp_path):
         if "sigma_rel_0.0700" not in p.name:
             shutil.copy(p, inputs)
     ckpt = run / "checkpoints" / "last.ckpt"
-    res = _reconstruct_module(
-        [f"snapshots={inputs}", f"ckpt={ckpt}", "sigma_rel=0.07", f"out={tmp_path / 'out'}"]
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = tmp_path / "out" / "ema_0.07.ckpt"
+    args = [f"snapshots={inputs}", f"ckpt={ckpt}", "sigma_rel=0.07", f"out={tmp_path / 'out'}"]
+    (out,) = reconstruct_ema(_compose(args))
+    assert out == tmp_path / "out" / "ema_0.07.ckpt"
     rebuilt = torch.load(out, weights_only=True)
     tracked = torch.load(ckpt, weights_only=True)["state_dict"]
     direct, e05, e10 = (
         _weights(tracked, p) for p in ("ema_profiles.1.", "ema.", "ema_profiles.0.")
     )
     new = _weights(rebuilt["state_dict"], "ema.")
-    assert (new - direct).norm() / (e05 - e10).norm() < 0.02
-    assert (new - direct).norm() / direct.norm() < 1e-4
+    print(
+        "RATIO",
+        ((new - direct).norm() / (e05 - e10).norm()).item(),
+        ((new - direct).norm() / direct.norm()).item(),
+    )
+    assert (new - direct).norm() / (e05 - e10).norm() < 0.01
+    assert (new - direct).norm() / direct.norm() < 1e-5
     assert not any(k.startswith("ema_profiles.") for k in rebuilt["state_dict"])
     assert rebuilt["hyper_parameters"]["ema"]["sigma_rels"] == [0.07]
     assert rebuilt["ema_reconstruction"]["step"] == STEPS
@@ -125,3 +130,32 @@ def test_reconstruct_errors_name_the_setting(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("error: ckpt=")
     assert "does not fit the EMA snapshots" in res.stderr
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_track_and_snapshot_the_same_ema_as_one(tmp_path):
+    """Under DDP (ddp_spawn, 2 processes, gloo) every profile and snapshot equals one process
+    training on the same global batch (to float32 rounding of the all-reduce, as in
+    tests/app/test_scale.py), and rank 0 alone writes the snapshots."""
+    base = [
+        *fast_overrides(tmp_path),
+        "callbacks=none",
+        "lr_warmup_steps=0",
+        "ema=power",
+        "ema.snapshot_every=1",
+    ]
+    single = tmp_path / "single"
+    train(compose_train(base, single))
+    res = run_app("train.py", [*base, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path / 'ddp'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = sorted((single / "ema_snapshots").glob("*.pt"))
+    two = sorted((tmp_path / "ddp" / "ema_snapshots").glob("*.pt"))
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 2 * 3
+    assert not list((tmp_path / "ddp" / "ema_snapshots").glob("*.tmp"))
+    worst = 0.0
+    for a, b in zip(one, two, strict=True):
+        sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+        worst = max(worst, max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa))
+    assert worst < 5e-6
+    snap = torch.load(two[-1], weights_only=True)
+    assert snap["images_seen"] == 3 * 16  # the global batch, not one rank's

@@ -4,7 +4,6 @@ reconstruction of one EMA length from snapshots of two others."""
 import numpy as np
 import pytest
 import torch
-from scipy import integrate
 
 from diffusionlab.errors import ConfigError
 from diffusionlab.training.ema import PowerEMA
@@ -12,7 +11,7 @@ from diffusionlab.training.ema_power import (
     SIGMA_REL_MAX,
     gamma_to_sigma_rel,
     power_beta,
-    profile_inner_products,
+    profile_weights,
     sigma_rel_to_gamma,
     solve_coefficients,
 )
@@ -37,21 +36,30 @@ def test_power_beta_closed_form():
     assert power_beta(0.0, 10) == pytest.approx(0.9)  # gamma 0: the running mean
 
 
-def test_profile_inner_products_match_quadrature():
-    def profile(t, g):
-        return lambda tau: (g + 1) * tau**g / t ** (g + 1) if tau <= t else 0.0
+def test_profile_weights_are_the_tracked_ema_of_each_step():
+    # gamma = 0 is the running mean: every step weighs 1/step
+    np.testing.assert_allclose(profile_weights(0.0, 10, 12), [0.1] * 10 + [0.0] * 2)
+    # the EMA of a one-hot trajectory (step j's weights = e_j) is the weight vector itself
+    gamma, steps = sigma_rel_to_gamma(0.05), 60
+    ema = torch.zeros(steps, dtype=torch.float64)
+    for t in range(1, steps + 1):
+        ema.lerp_(torch.eye(steps, dtype=torch.float64)[t - 1], 1 - power_beta(gamma, t))
+    np.testing.assert_allclose(profile_weights(gamma, steps, steps), ema.numpy(), atol=1e-15)
+    # and it approaches EDM2's continuous profile (gamma + 1) tau^gamma / t^(gamma + 1) (eq. 3)
+    w = profile_weights(gamma, 2000, 2000)
+    tau = np.arange(1, 2001)
+    np.testing.assert_allclose(
+        w[1000:], (gamma + 1) * tau[1000:] ** gamma / 2000 ** (gamma + 1), rtol=0.01
+    )
 
-    for ta, ga, tb, gb in [(300, 6.9, 1000, 17.0), (1000, 17.0, 300, 6.9), (500, 3.0, 500, 3.0)]:
-        pa, pb = profile(ta, ga), profile(tb, gb)
-        quad = integrate.quad(lambda tau: pa(tau) * pb(tau), 0, min(ta, tb), limit=200)[0]
-        assert profile_inner_products(ta, ga, tb, gb) == pytest.approx(quad, rel=1e-8)
-    # the norm of a profile: (g + 1)^2 / ((2g + 1) t)
-    assert profile_inner_products(10.0, 2.0, 10.0, 2.0) == pytest.approx(9 / 50)
 
-
-def test_solve_coefficients_returns_an_input_profile_exactly():
-    coefs = solve_coefficients([50, 100, 50, 100], [17.0, 17.0, 6.9, 6.9], [100], [6.9])
-    np.testing.assert_allclose(coefs[:, 0], [0, 0, 0, 1], atol=1e-6)
+def test_solve_coefficients_returns_an_input_profile_exactly_in_any_chunks():
+    g05, g10 = sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)
+    args = ([50, 100, 50, 100], [g05, g05, g10, g10], [100, 100], [g10, 8.0])
+    coefs = solve_coefficients(*args)
+    np.testing.assert_allclose(coefs[:, 0], [0, 0, 0, 1], atol=1e-9)
+    np.testing.assert_allclose(coefs.sum(axis=0), [1, 1])
+    np.testing.assert_allclose(solve_coefficients(*args, chunk=7), coefs, atol=1e-12)
 
 
 def _track(trajectory: torch.Tensor, sigma_rels, every):
@@ -67,11 +75,15 @@ def _track(trajectory: torch.Tensor, sigma_rels, every):
     return emas, snaps
 
 
-@pytest.mark.parametrize("steps,every", [(2000, 100), (40, 1)])
-def test_reconstruction_matches_directly_tracked_ema(steps, every):
+@pytest.mark.parametrize(
+    "steps,every,tol",
+    [(2000, 100, 1e-3), (30, 3, 5e-3), (20, 1, 1e-10)],
+    ids=["2000/100", "30/3", "20/1"],
+)
+def test_reconstruction_matches_directly_tracked_ema(steps, every, tol):
     """A random-walk 'weight' trajectory: sigma_rel 0.07 rebuilt from snapshots of 0.05 and 0.10
-    is within 1% of the gap between those two of the 0.07 EMA tracked step by step (the
-    discrete update vs. EDM2's continuous profiles; 0.09-0.5% measured)."""
+    against the 0.07 EMA tracked step by step, as a fraction of the distance between the 0.05
+    and 0.10 EMAs (measured 0.045%, 0.28% and 1e-13: exact with a snapshot at every step)."""
     g = torch.Generator().manual_seed(0)
     walk = 1.0 + 0.01 * torch.randn(steps, 500, generator=g, dtype=torch.float64).cumsum(0)
     (e05, e10, e07), snaps = _track(walk, [0.05, 0.10, 0.07], every)
@@ -80,8 +92,7 @@ def test_reconstruction_matches_directly_tracked_ema(steps, every):
         [s[0] for s in inputs], [s[1] for s in inputs], [steps], [sigma_rel_to_gamma(0.07)]
     )
     rebuilt = sum(c * s[2] for c, s in zip(coefs[:, 0], inputs, strict=True))
-    assert (rebuilt - e07).norm() / (e05 - e10).norm() < 0.01
-    assert (rebuilt - e07).norm() / e07.norm() < 1e-4
+    assert (rebuilt - e07).norm() / (e05 - e10).norm() < tol
 
 
 def test_power_ema_config_errors():

@@ -6,8 +6,9 @@ p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) (eq. 3); its width relative to 
 sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) (eq. 4). Tracked step by step it is
 the EMA with beta_t = (1 - 1/t)^(gamma + 1) (eq. 5, t in optimizer steps). Profiles of snapshots
 taken during training span other profiles: the least-squares combination of snapshots whose
-profile is closest (in L2 over tau) to a target profile solves A x = b with the profiles' inner
-products in closed form (App. C.2, eqs. 18-20).
+profile is closest (in L2) to a target profile solves A x = b with the profiles' inner products
+(App. C.2, eqs. 18-20). EDM2 integrates its continuous profiles; we sum the per-step weights the
+discrete EMA really gave each step, which stays accurate in short runs.
 """
 
 from __future__ import annotations
@@ -47,29 +48,62 @@ def power_beta(gamma: float, step: int) -> float:
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
-def profile_inner_products(
-    t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray, gamma_b: np.ndarray
+def _cumulative_log_beta(gamma: float, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """log beta_t and c_t = sum_{k=2..t} log beta_k for t = 1..horizon (index t - 1)."""
+    t = np.arange(1, horizon + 1, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        log_beta = (gamma + 1.0) * np.log1p(-1.0 / t)  # -inf at t = 1: beta_1 = 0
+    return log_beta, np.concatenate([[0.0], np.cumsum(log_beta[1:])])
+
+
+def _weight_rows(
+    steps: list[int], gammas: list[float], tables: dict, lo: int, hi: int
 ) -> np.ndarray:
-    """<p_a, p_b> = integral over tau of the two normalized profiles (EDM2 App. C.2), broadcast:
-    (ga + 1)(gb + 1) min(ta, tb)^(ga + gb + 1) / ((ga + gb + 1) ta^(ga + 1) tb^(gb + 1))."""
-    t_a, gamma_a, t_b, gamma_b = (
-        np.asarray(v, dtype=np.float64) for v in (t_a, gamma_a, t_b, gamma_b)
-    )
-    # written with the ratio of the shorter to the longer time, which stays in (0, 1]
-    ratio = np.minimum(t_a, t_b) / np.maximum(t_a, t_b)
-    exponent = np.where(t_a <= t_b, gamma_b, gamma_a)
-    num = (gamma_a + 1) * (gamma_b + 1) * ratio**exponent
-    return num / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
+    """Per-step weights (see :func:`profile_weights`) of the steps lo+1..hi, one row per EMA."""
+    out = np.zeros((len(steps), hi - lo))
+    for row, (step, gamma) in enumerate(zip(steps, gammas, strict=True)):
+        log_beta, c = tables[gamma]
+        n = min(step, hi) - lo  # steps after ``step`` have weight 0
+        if n > 0:
+            out[row, :n] = -np.expm1(log_beta[lo : lo + n]) * np.exp(c[step - 1] - c[lo : lo + n])
+    return out
+
+
+def profile_weights(gamma: float, step: int, horizon: int) -> np.ndarray:
+    """Weight of the trained weights of each step 1..``horizon`` in the power EMA after
+    ``step`` updates with beta_t = (1 - 1/t)^(gamma + 1): w_j = (1 - beta_j) prod_{k=j+1..step}
+    beta_k for j <= step, 0 after; they sum to 1 (beta_1 = 0). The discrete counterpart of
+    EDM2's profile (gamma + 1) tau^gamma / t^(gamma + 1) (eq. 3)."""
+    return _weight_rows([step], [gamma], {gamma: _cumulative_log_beta(gamma, horizon)}, 0, horizon)[
+        0
+    ]
 
 
 def solve_coefficients(
-    in_t: np.ndarray, in_gamma: np.ndarray, out_t: np.ndarray, out_gamma: np.ndarray
+    in_steps: list[int],
+    in_gammas: list[float],
+    out_steps: list[int],
+    out_gammas: list[float],
+    chunk: int = 1 << 16,
 ) -> np.ndarray:
-    """Coefficients ``[n_in, n_out]``: output profile j is approximated by
-    sum_i x[i, j] * input profile i, the least-squares solution of A x = B with
-    A = <p_in, p_in> and B = <p_in, p_out> (EDM2 App. C.2, eq. 20)."""
-    in_t, in_gamma = (np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in (in_t, in_gamma))
-    out_t, out_gamma = (np.asarray(v, dtype=np.float64).reshape(1, -1) for v in (out_t, out_gamma))
-    gram = profile_inner_products(in_t, in_gamma, in_t.T, in_gamma.T)
-    rhs = profile_inner_products(in_t, in_gamma, out_t, out_gamma)
-    return np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    """Coefficients ``[n_in, n_out]``: output EMA j is approximated by sum_i x[i, j] * snapshot i,
+    the least-squares fit of the output's per-step weights by the snapshots' (EDM2 App. C.2,
+    eq. 20: A x = B with A and B the profiles' inner products). Two changes to EDM2's solve: the
+    inner products sum the per-step weights the discrete EMA really gave (EDM2 integrates its
+    continuous profiles), which stays accurate in short runs; and sum_i x[i, j] = 1 (a Lagrange
+    multiplier), as for every average, so weights that did not move come back unchanged. The
+    sums run over ``chunk`` steps at a time."""
+    in_steps, out_steps = [int(s) for s in in_steps], [int(s) for s in out_steps]
+    horizon = max(*in_steps, *out_steps)
+    tables = {g: _cumulative_log_beta(g, horizon) for g in {*in_gammas, *out_gammas}}
+    n = len(in_steps)
+    kkt = np.zeros((n + 1, n + 1))
+    rhs = np.zeros((n + 1, len(out_steps)))
+    for lo in range(0, horizon, chunk):
+        hi = min(lo + chunk, horizon)
+        w_in = _weight_rows(in_steps, in_gammas, tables, lo, hi)
+        kkt[:n, :n] += w_in @ w_in.T
+        rhs[:n] += w_in @ _weight_rows(out_steps, out_gammas, tables, lo, hi).T
+    kkt[:n, n] = kkt[n, :n] = 1.0
+    rhs[n] = 1.0
+    return np.linalg.lstsq(kkt, rhs, rcond=None)[0][:n]
