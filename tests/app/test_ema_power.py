@@ -132,6 +132,14 @@ def test_reconstruct_errors_name_the_setting(tmp_path):
     assert "does not fit the EMA snapshots" in res.stderr
 
 
+def test_resuming_with_another_number_of_ema_profiles_is_refused(tmp_path):
+    run = _train_power(tmp_path, "[0.05,0.1]", steps=1)
+    overrides = [*fast_overrides(tmp_path), "trainer.max_steps=2"]
+    resume = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    with pytest.raises(ConfigError, match=r"holds 2 EMA profile\(s\), the ema config 1"):
+        train(compose_train([*overrides, resume], tmp_path / "resumed"))
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_track_and_snapshot_the_same_ema_as_one(tmp_path):
     """Under DDP (ddp_spawn, 2 processes, gloo) every profile and snapshot equals one process

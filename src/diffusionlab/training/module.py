@@ -20,7 +20,7 @@ from torch import Tensor
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
-from diffusionlab.errors import ConfigError
+from diffusionlab.errors import CheckpointError, ConfigError
 from diffusionlab.training.ema import PowerEMA, ema_update
 from diffusionlab.training.ema_snapshots import save_snapshots
 from diffusionlab.training.performance import fast_optimizer_options
@@ -147,6 +147,12 @@ class DiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
+        saved = {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("ema_profiles.")}
+        if len(saved) != len(self.ema_profiles):
+            raise CheckpointError(
+                f"the checkpoint holds {len(saved) + 1} EMA profile(s), the ema config "
+                f"{len(self.ema_profiles) + 1}: resume with the ema=... settings that trained it"
+            )
 
     def on_train_start(self) -> None:
         # restored last, so nothing between checkpoint loading and the first step draws from them
