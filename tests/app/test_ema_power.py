@@ -146,8 +146,7 @@ def test_two_ddp_processes_track_and_snapshot_the_same_ema_as_one(tmp_path):
     training on the same global batch (to float32 rounding of the all-reduce, as in
     tests/app/test_scale.py), and rank 0 alone writes the snapshots."""
     base = [
-        *fast_overrides(tmp_path),
-        "callbacks=none",
+        *fast_overrides(tmp_path, callbacks=False),
         "lr_warmup_steps=0",
         "ema=power",
         "ema.snapshot_every=1",
