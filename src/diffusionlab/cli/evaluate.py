@@ -1,6 +1,7 @@
 """``python evaluate.py ckpt=...`` or ``images=folder/``: FID / IS / KID / precision-recall against
 a dataset's cached reference features, an optional NFE sweep (table + plot) and bits/dim;
-``ckpt=[a.ckpt,b.ckpt]`` scores several checkpoints against their EMA length (table + plot).
+``ckpt=[a.ckpt,b.ckpt]`` scores several checkpoints against their EMA length (table + plot), and
+``ema_sweep.sigma_rels=[...]`` the post-hoc EMA lengths of one ``ema=power`` run.
 Results also go to a W&B run attached to the checkpoint's training run."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusionlab.checks import check_sampler, number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
+from diffusionlab.cli.reconstruct_ema import sigma_rels
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import IMAGE_SUFFIXES
 from diffusionlab.diffusion.likelihood import image_bits_per_dim
@@ -35,6 +37,7 @@ from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.reference import split_indices
 from diffusionlab.evaluation.tables import markdown_lines, write_csv
 from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
+from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstructions
 from diffusionlab.training.loggers import finish_wandb_run
 
 log = logging.getLogger(__name__)
@@ -91,13 +94,37 @@ def checkpoints(cfg: DictConfig) -> list[str]:
 
 
 def ema_length(module) -> tuple[str, float]:
-    """The checkpoint's EMA length as (column, value): ``ema_halflife_kimg`` (EDM) or
-    ``ema_decay`` (plain), from the training run's ``ema`` hyperparameters."""
+    """The checkpoint's EMA length as (column, value): ``ema_halflife_kimg`` (EDM),
+    ``ema_decay`` (plain) or ``ema_sigma_rel`` (power: its sampling profile, the first),
+    from the training run's ``ema`` hyperparameters."""
     ema = module.hparams.ema
+    if "sigma_rels" in ema:
+        return "ema_sigma_rel", float(ema["sigma_rels"][0])
     for key in ("halflife_kimg", "decay"):
         if key in ema:
             return f"ema_{key}", float(ema[key])
     raise ConfigError(f"cannot read an EMA length from the checkpoint's ema config {dict(ema)}")
+
+
+def reconstructed_checkpoints(cfg: DictConfig, ckpts: list[str]) -> list[str]:
+    """With ``ema_sweep.sigma_rels``: the single ``ckpt``'s EMA rebuilt at each length from its
+    run's snapshots (``<run>/ema_snapshots`` or ``ema_sweep.snapshots``) into
+    ``<output_dir>/ema_reconstructed/``; else ``ckpts`` unchanged."""
+    if not cfg.ema_sweep.sigma_rels:
+        return ckpts
+    if len(ckpts) != 1:
+        raise ConfigError(
+            "ema_sweep.sigma_rels needs one ckpt=<run>/checkpoints/last.ckpt of an ema=power run"
+        )
+    snapshots = cfg.ema_sweep.snapshots or Path(ckpts[0]).resolve().parents[1] / SNAPSHOT_FOLDER
+    paths = write_reconstructions(
+        ckpts[0],
+        snapshots,
+        sigma_rels(cfg, "ema_sweep.sigma_rels"),
+        Path(cfg.paths.output_dir) / "ema_reconstructed",
+        keys=("ckpt", "ema_sweep.snapshots", "ema_sweep.sigma_rels"),
+    )
+    return [str(p) for p in paths]
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -106,8 +133,11 @@ def evaluate(cfg: DictConfig) -> dict:
     ckpts = checkpoints(cfg)
     if bool(ckpts) == bool(cfg.images):
         raise ConfigError("pass exactly one of ckpt=... or images=...")
-    if len(ckpts) > 1 and (cfg.sweep.samplers or cfg.bpd.num_images):
-        raise ConfigError("sweep.samplers and bpd.num_images need a single ckpt, not a list")
+    scored = reconstructed_checkpoints(cfg, ckpts) if ckpts else ckpts
+    if len(scored) > 1 and (cfg.sweep.samplers or cfg.bpd.num_images):
+        raise ConfigError(
+            "sweep.samplers and bpd.num_images need a single ckpt, not a list or ema_sweep"
+        )
     number(cfg, "eval.num_samples", int, at_least=2)  # FID needs a covariance
     for key in ("eval.repeats", "eval.batch_size"):
         number(cfg, key, int, at_least=1)
@@ -121,7 +151,7 @@ def evaluate(cfg: DictConfig) -> dict:
     device = pick_device(cfg.device)
     dcfg = dataset_config(cfg)
     # a single checkpoint is read and checked before anything is logged
-    module = load_module(ckpts[0], device) if len(ckpts) == 1 else None
+    module = load_module(ckpts[0], device) if len(scored) == 1 else None
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     if module is not None:
         check_sampler(sampler, module.schedule)
@@ -130,7 +160,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 check_sampler({"name": name, "nfe": nfe}, module.schedule, "sweep.samplers")
     with finish_wandb_run():
         run = start_wandb_run(cfg, ckpts)
-        result = _evaluate(cfg, dcfg, ckpts, module, sampler, device, run)
+        result = _evaluate(cfg, dcfg, scored, module, sampler, device, run)
         run.log({f"eval/{k}": v for k, v in {**result["metrics"], **result.get("bpd", {})}.items()})
     return result
 
@@ -158,7 +188,7 @@ def _evaluate(
         images = load_images(cfg.images, int(data.images.shape[-1]))
         result["images"] = str(cfg.images)
         result["metrics"] = evaluator.score_images(images)
-    elif len(ckpts) > 1:
+    elif len(ckpts) > 1 or cfg.ema_sweep.sigma_rels:
         rows, x = ema_sweep(cfg, ckpts, evaluator, device, outdir)
         best = min(rows, key=lambda r: r.get("fid", math.inf))
         result.update(ckpt=best["ckpt"], num_samples=int(e.num_samples), ema_sweep=rows)

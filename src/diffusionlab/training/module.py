@@ -21,8 +21,9 @@ from diffusionlab.data.augment import augment_seeds
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
-from diffusionlab.errors import ConfigError
-from diffusionlab.training.ema import ema_update
+from diffusionlab.errors import CheckpointError, ConfigError
+from diffusionlab.training.ema import PowerEMA, ema_update
+from diffusionlab.training.ema_snapshots import save_snapshots
 from diffusionlab.training.lr_schedules import Constant, build_lr_schedule
 from diffusionlab.training.performance import fast_optimizer_options
 from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
@@ -60,6 +61,10 @@ class DiffusionModule(L.LightningModule):
         self.augment_pipe = instantiate(augment) if augment else None
         self.ema_schedule = instantiate(ema)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        # further EMA profiles (ema=power): in the state_dict, so checkpoints hold all of them
+        self.ema_profiles = torch.nn.ModuleList(
+            copy.deepcopy(self.ema) for _ in range(self.ema_schedule.num_profiles - 1)
+        )
         self.data_shape = tuple(int(d) for d in data_shape)
         self.label_dim = int(label_dim)
         self.loss_buckets = [float(b) for b in loss_buckets]
@@ -130,15 +135,38 @@ class DiffusionModule(L.LightningModule):
         # here, not in on_train_batch_end: checkpoint callbacks run before that hook and would
         # save the EMA one update behind the weights
         global_batch = self._samples_in_step * self.trainer.world_size
-        beta = self.ema_schedule.beta(self.global_step + 1, global_batch)  # step being completed
-        ema_update(self.ema, self.denoiser, beta)
+        step = self.global_step + 1  # the step being completed
+        profiles = [self.ema, *self.ema_profiles]
+        for ema, beta in zip(profiles, self.ema_schedule.betas(step, global_batch), strict=True):
+            ema_update(ema, self.denoiser, beta)
         self._samples_in_step = 0
+        schedule = self.ema_schedule
+        # the weights are equal on every rank: rank 0 writes the snapshots
+        if (
+            isinstance(schedule, PowerEMA)
+            and schedule.snapshot_due(step)
+            and self.trainer.is_global_zero
+        ):
+            save_snapshots(
+                schedule.snapshot_dir,
+                step,
+                step * global_batch,
+                schedule.sigma_rels,
+                schedule.gammas,
+                profiles,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
+        saved = {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("ema_profiles.")}
+        if len(saved) != len(self.ema_profiles):
+            raise CheckpointError(
+                f"the checkpoint holds {len(saved) + 1} EMA profile(s), the ema config "
+                f"{len(self.ema_profiles) + 1}: resume with the ema=... settings that trained it"
+            )
 
     def on_train_start(self) -> None:
         # restored last, so nothing between checkpoint loading and the first step draws from them
