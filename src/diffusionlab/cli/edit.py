@@ -22,13 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def strengths(cfg: DictConfig) -> list[float]:
-    """``sigma_edit`` as a non-empty list of noise levels >= 0."""
-    values = cfg.sigma_edit if isinstance(cfg.sigma_edit, ListConfig) else [cfg.sigma_edit]
-    if not values:
+    """``sigma_edit`` (one number or a list) as a non-empty list of noise levels >= 0."""
+    if not isinstance(cfg.sigma_edit, ListConfig):
+        keys = ["sigma_edit"]
+    elif len(cfg.sigma_edit):
+        keys = [f"sigma_edit[{i}]" for i in range(len(cfg.sigma_edit))]
+    else:
         raise ConfigError("sigma_edit=[] needs at least one noise level")
-    out = []
-    for i, _ in enumerate(values):
-        out.append(float(number(cfg, f"sigma_edit[{i}]" if len(values) > 1 else "sigma_edit")))
+    out = [float(number(cfg, key)) for key in keys]
     bad = [s for s in out if s < 0]
     if bad:
         raise ConfigError(f"sigma_edit={out}: noise levels must be >= 0, got {bad}")
