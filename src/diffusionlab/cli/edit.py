@@ -3,7 +3,6 @@ input, one column per strength, in ``edit.png``; ``edit.json`` holds the RMS cha
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import hydra
@@ -17,8 +16,6 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.editing import sdedit
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def strengths(cfg: DictConfig) -> list[float]:

@@ -4,7 +4,6 @@ images; ``inpaint.png`` has one row per input (input, masked input, ``samples`` 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import hydra
@@ -18,8 +17,6 @@ from diffusionlab.cli.masks import load_mask
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.editing import repaint
 from diffusionlab.diffusion.noise import StackedRandomGenerator
-
-log = logging.getLogger(__name__)
 
 
 def inpaint(cfg: DictConfig) -> Path:

@@ -10,7 +10,6 @@ back with the (deterministic) sampler; each row is the first image, the path, th
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import hydra
@@ -31,7 +30,6 @@ from diffusionlab.diffusion.latents import INVERSION_SOLVERS, invert_ode, slerp
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.errors import ConfigError
 
-log = logging.getLogger(__name__)
 MODES = ("latent", "noise")
 
 
