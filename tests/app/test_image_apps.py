@@ -128,22 +128,25 @@ def test_inversion_round_trip_of_a_trained_model(ckpt):
     assert errors[101] < 0.02 and errors[101] < errors[9] / 4
 
 
-def test_images_from_a_folder(ckpt, tmp_path):
+def test_images_from_a_folder_or_npz(ckpt, tmp_path):
     from diffusionlab.evaluation.reference import load_dataset
 
     x = load_dataset("digits", 8).images[:2]
+    u8 = ((x[:, 0] + 1) * 127.5).round().byte().numpy()
     (tmp_path / "in").mkdir()
-    for i, img in enumerate(((x[:, 0] + 1) * 127.5).round().byte().numpy()):
+    for i, img in enumerate(u8):
         Image.fromarray(img).save(tmp_path / "in" / f"{i}.png")
-    cfg = _compose(
-        "edit",
-        [f"ckpt={ckpt}", f"inputs.path={tmp_path / 'in'}", "sigma_edit=[0]", "sampler.nfe=2"]
-        + [f"outdir={tmp_path / 'out'}", "scale=1"],
-    )
-    edit(cfg)
-    cells = _cells(tmp_path / "out" / "edit.png", 2, 2, 8, 1)
-    assert np.array_equal(cells[:, 0], cells[:, 1])  # sigma_edit = 0 returns the input
-    assert np.abs(cells[:, 0].astype(float) / 127.5 - 1 - x[:, 0].numpy()).max() < 1 / 127
+    np.savez(tmp_path / "in.npz", samples=u8[..., None])
+    for source in ("in", "in.npz"):
+        out = tmp_path / f"out_{source}"
+        cfg = _compose(
+            "edit",
+            [f"ckpt={ckpt}", f"inputs.path={tmp_path / source}", "sigma_edit=[0]", "sampler.nfe=2"]
+            + [f"outdir={out}", "scale=1"],
+        )
+        edit(cfg)
+        cells = _cells(out / "edit.png", 2, 2, 8, 1)
+        assert np.array_equal(cells[:, 1], u8)  # sigma_edit = 0 returns the input
 
 
 def test_named_and_file_masks(tmp_path):
