@@ -98,7 +98,10 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         label_dim=label_dim,
         lr_warmup_steps=cfg.lr_warmup_steps,
         sampler=_container(cfg.sampler),
+        latent=getattr(dataset, "latent", None),
     )
+    if module.decoder is not None:
+        module.decoder.load_from(dataset.autoencoder)
     check_fits(module, dataset.shape)
     check_sampler(module.hparams.sampler or {}, module.schedule)
     if cfg.get("channels_last"):

@@ -21,6 +21,7 @@ from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
 from diffusionlab.errors import ConfigError
+from diffusionlab.networks.autoencoder import LatentDecoder
 from diffusionlab.training.ema import ema_update
 from diffusionlab.training.performance import fast_optimizer_options
 from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
@@ -42,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         lr_warmup_steps: int = 0,
         loss_buckets: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 10.0),
         sampler: dict | None = None,
+        latent: dict | None = None,
     ) -> None:
         super().__init__()
         # the app logs the whole run config; these hparams only rebuild the module from checkpoints
@@ -57,6 +59,14 @@ class DiffusionModule(L.LightningModule):
         self.data_shape = tuple(int(d) for d in data_shape)
         self.label_dim = int(label_dim)
         self.loss_buckets = [float(b) for b in loss_buckets]
+        # latent diffusion (data/latent.py): the frozen decoder maps samples back to images
+        self.decoder = (
+            None
+            if latent is None
+            else LatentDecoder(
+                latent["autoencoder"], latent["scale_factor"], latent["image_shape"]
+            ).requires_grad_(False)
+        )
         self._rng_states: list[dict] | None = None
         self._samples_in_step = 0  # this rank's samples since the last optimizer step
 
@@ -134,7 +144,7 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         factory = instantiate(self.hparams.optimizer)
-        params = list(self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]
         trainer = self._trainer
         # Lightning cannot clip the gradients of a fused optimizer under mixed precision
         amp_clip = trainer is not None and "mixed" in str(trainer.precision)
@@ -159,7 +169,8 @@ class DiffusionModule(L.LightningModule):
         sampler: dict | None = None,
         use_ema: bool = True,
     ) -> Tensor:
-        """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching).
+        """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching), decoded
+        to images for a latent model.
 
         ``sampler`` holds ``name``, ``nfe``, ``discretization`` and ``options``; default: the
         sampler stored in the hyperparameters.
@@ -182,4 +193,4 @@ class DiffusionModule(L.LightningModule):
             options=dict(cfg.get("options") or {}),
             generator=gen,
         )
-        return out
+        return out if self.decoder is None else self.decoder(out)
