@@ -54,8 +54,17 @@ def test_latent_model_trains_samples_and_evaluates(tmp_path):
     meta = train_autoencoder(ae_cfg)
     assert meta["latent_shape"] == [4, 4, 4] and meta["image_shape"] == [1, 8, 8]
     ae = tmp_path / "ae" / "autoencoder.ckpt"
-    res = run_app("train.py", _ldm_overrides(tmp_path, ae))
+    fid = [
+        "+eval@callbacks.fid=fid_callback",
+        "callbacks.fid.every_n_steps=3",
+        "callbacks.fid.num_samples=8",
+        "callbacks.fid.extractor_steps=5",
+    ]
+    res = run_app("train.py", [*_ldm_overrides(tmp_path, ae), *fid])
     assert res.returncode == 0, res.stderr[-2000:]
+    # the FID callback scored decoded samples against the source digits
+    csv = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "eval/fid" in csv and next((tmp_path / "cache").rglob("*digits*"), None) is not None
     ckpt = next(tmp_path.rglob("last.ckpt"))
     module = load_module(str(ckpt), torch.device("cpu"))
     assert module.data_shape == (4, 4, 4) and module.hparams.latent["image_shape"] == [1, 8, 8]
