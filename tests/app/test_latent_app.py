@@ -18,6 +18,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import load_module
 from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.training.checkpoint_io import model_differences
 
 from .helpers import compose_train, fast_overrides, run_app
 
@@ -121,3 +122,9 @@ def test_missing_autoencoder_names_the_key(tmp_path):
         "train one with dl-train-autoencoder",
     ):
         train(compose_train(missing, tmp_path))
+
+
+def test_resume_refuses_another_autoencoder():
+    saved = {"data_shape": [4, 8, 8], "latent": {"scale_factor": 1.5, "autoencoder_sha256": "a"}}
+    current = {"data_shape": [4, 8, 8], "latent": {"scale_factor": 1.5, "autoencoder_sha256": "b"}}
+    assert model_differences(saved, current) == ["latent.autoencoder_sha256: 'a' -> 'b'"]
