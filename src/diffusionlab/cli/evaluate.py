@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 def dataset_config(cfg: DictConfig) -> DictConfig:
-    """The dataset to compare against: ``dataset=...`` or the checkpoint's training run's."""
+    """The dataset to compare against: ``dataset=...`` or the checkpoint's training run's (for a
+    latent run, ``dataset.source``)."""
     if cfg.get("dataset") is not None:
         return cfg.dataset
     ckpts = checkpoints(cfg)
@@ -52,7 +53,8 @@ def dataset_config(cfg: DictConfig) -> DictConfig:
     if run is None or "dataset" not in run:
         raise ConfigError("no reference dataset: pass dataset=<name> (e.g. dataset=mnist16)")
     merged = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths), "dataset": run.dataset})
-    return merged.dataset
+    # a latent model's samples are decoded to images: compare them with its source images
+    return merged.dataset.source if "source" in merged.dataset else merged.dataset
 
 
 def load_images(folder: str, resolution: int) -> torch.Tensor:
@@ -154,6 +156,10 @@ def evaluate(cfg: DictConfig) -> dict:
     module = load_module(ckpts[0], device) if len(scored) == 1 else None
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     if module is not None:
+        if cfg.bpd.num_images and module.decoder is not None:
+            raise ConfigError(
+                "bpd.num_images: bits/dim needs a pixel-space model, not a latent one"
+            )
         check_sampler(sampler, module.schedule)
         for name in cfg.sweep.samplers:
             for nfe in cfg.sweep.nfe:

@@ -104,9 +104,12 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         sampler=_container(cfg.sampler),
         lr_schedule=_container(cfg.get("lr_schedule")),
         augment=_container(cfg.get("augment")),
+        latent=getattr(dataset, "latent", None),
     )
     module.lr_schedule()  # a bad lr_schedule.* value stops here, not at the first step
     check_augment(module.augment_pipe, int(cfg.model.get("augment_dim", 0)), dataset.shape)
+    if module.decoder is not None:
+        module.decoder.load_from(dataset.autoencoder)
     check_fits(module, dataset.shape)
     check_sampler(module.hparams.sampler or {}, module.schedule)
     if cfg.get("channels_last"):

@@ -61,8 +61,9 @@ class FIDCallback(L.Callback):
 
     def _evaluator_for(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Evaluator:
         if self._evaluator is None:
+            data = trainer.datamodule.dataset
             self._evaluator = Evaluator(
-                trainer.datamodule.dataset,
+                getattr(data, "source", data),  # a latent dataset's source images
                 dataset_key(self.dataset),
                 self.cache_dir,
                 extractor=self.extractor,
@@ -93,6 +94,7 @@ class FIDCallback(L.Callback):
             discretization=self.sampler.get("discretization", "karras"),
             options=dict(self.sampler.get("options") or {}),
             device=pl_module.device,
+            decode=pl_module.decoder,
         )
         t0 = time.time()
         seeds = range(self.seed, self.seed + self.num_samples)

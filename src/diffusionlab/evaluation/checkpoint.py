@@ -72,4 +72,5 @@ def module_generator(
         options=dict(sampler.get("options") or {}),
         guidance=guidance,
         device=module.device,
+        decode=module.decoder,
     )

@@ -27,6 +27,7 @@ class DiffusionGenerator(GenerativeModelBase):
     guidance (the all-zeros label is the unconditional model). ``forward(z, labels)`` takes torch-fidelity's
     standard normal ``z`` (``[B, z_size]``) and integer labels and returns uint8 RGB images.
     :meth:`generate` is the seeded path: noise and labels drawn per sample index (EDM generate.py).
+    ``decode`` maps samples of ``shape`` to images (a latent model's decoder), after sampling.
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class DiffusionGenerator(GenerativeModelBase):
         options: dict | None = None,
         guidance: float = 1.0,
         device: torch.device | str = "cpu",
+        decode: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.denoise = denoise
@@ -53,6 +55,7 @@ class DiffusionGenerator(GenerativeModelBase):
         self.options = dict(options or {})
         self.guidance = float(guidance)
         self.device = torch.device(device)
+        self.decode = decode
 
     @property
     def z_size(self) -> int:
@@ -79,7 +82,8 @@ class DiffusionGenerator(GenerativeModelBase):
         labels: Tensor | None = None,
         generator: StackedRandomGenerator | torch.Generator | None = None,
     ) -> Tensor:
-        """Run the sampler from standard normal ``noise`` [B, *shape]; images in [-1, 1]."""
+        """Run the sampler from standard normal ``noise`` [B, *shape] (then ``decode``); images
+        in [-1, 1]."""
         one_hot = self.one_hot(labels)
         if one_hot is not None and self.guidance != 1.0:
             denoise = label_cfg_denoiser(self.denoise, one_hot, self.guidance)
@@ -88,7 +92,7 @@ class DiffusionGenerator(GenerativeModelBase):
             def denoise(x: Tensor, sigma: Tensor) -> Tensor:
                 return self.denoise(x, sigma, one_hot)
 
-        return sample(
+        x = sample(
             denoise,
             self.schedule,
             noise.to(self.device),
@@ -98,6 +102,7 @@ class DiffusionGenerator(GenerativeModelBase):
             options=self.options,
             generator=generator,
         )
+        return x if self.decode is None else self.decode(x)
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         return to_uint8_rgb(self.sample_images(z.view(-1, *self.shape), labels))

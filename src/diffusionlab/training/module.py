@@ -22,6 +22,7 @@ from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
 from diffusionlab.errors import CheckpointError, ConfigError
+from diffusionlab.networks.autoencoder import LatentDecoder
 from diffusionlab.training.ema import PowerEMA, ema_update
 from diffusionlab.training.ema_snapshots import save_snapshots
 from diffusionlab.training.lr_schedules import Constant, build_lr_schedule
@@ -47,6 +48,7 @@ class DiffusionModule(L.LightningModule):
         sampler: dict | None = None,
         lr_schedule: dict | None = None,
         augment: dict | None = None,
+        latent: dict | None = None,
     ) -> None:
         super().__init__()
         # the app logs the whole run config; these hparams only rebuild the module from checkpoints
@@ -68,6 +70,14 @@ class DiffusionModule(L.LightningModule):
         self.data_shape = tuple(int(d) for d in data_shape)
         self.label_dim = int(label_dim)
         self.loss_buckets = [float(b) for b in loss_buckets]
+        # latent diffusion (data/latent.py): the frozen decoder maps samples back to images
+        self.decoder = (
+            None
+            if latent is None
+            else LatentDecoder(
+                latent["autoencoder"], latent["scale_factor"], latent["image_shape"]
+            ).requires_grad_(False)
+        )
         self._rng_states: list[dict] | None = None
         self._samples_in_step = 0  # this rank's samples since the last optimizer step
 
@@ -180,7 +190,7 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         factory = instantiate(self.hparams.optimizer)
-        params = list(self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]
         trainer = self._trainer
         # Lightning cannot clip the gradients of a fused optimizer under mixed precision
         amp_clip = trainer is not None and "mixed" in str(trainer.precision)
@@ -202,7 +212,8 @@ class DiffusionModule(L.LightningModule):
         sampler: dict | None = None,
         use_ema: bool = True,
     ) -> Tensor:
-        """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching).
+        """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching), decoded
+        to images for a latent model.
 
         ``sampler`` holds ``name``, ``nfe``, ``discretization`` and ``options``; default: the
         sampler stored in the hyperparameters.
@@ -225,4 +236,4 @@ class DiffusionModule(L.LightningModule):
             options=dict(cfg.get("options") or {}),
             generator=gen,
         )
-        return out
+        return out if self.decoder is None else self.decoder(out)
