@@ -141,3 +141,15 @@ def test_unconditional_autoguidance_samples(tiny_ckpts, tmp_path):
     a = np.load(plain / "samples.npz")["samples"].astype(int)
     b = np.load(guided / "samples.npz")["samples"].astype(int)
     assert np.abs(a - b).max() <= 1  # D_g + 3 (D - D_g) = D up to float rounding
+
+
+def test_evaluate_takes_a_guide_for_a_single_ckpt_only(tmp_path):
+    from diffusionlab.cli.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            ["ckpt=[a.ckpt,b.ckpt]", "guide_ckpt=g.ckpt", f"paths.output_dir={tmp_path}"],
+        )
+    with pytest.raises(ConfigError, match="guide_ckpt need a single ckpt"):
+        evaluate(cfg)
