@@ -153,3 +153,43 @@ def test_evaluate_takes_a_guide_for_a_single_ckpt_only(tmp_path):
         )
     with pytest.raises(ConfigError, match="guide_ckpt need a single ckpt"):
         evaluate(cfg)
+
+
+def test_evaluate_recognition_with_a_guide(tiny_ckpts, tmp_path):
+    """evaluate.py end to end with guide_ckpt and eval.recognition: a checkpoint guiding itself
+    at w=3 scores exactly like the unguided checkpoint, and the metrics name the guide."""
+    from diffusionlab.cli.evaluate import evaluate
+
+    ckpt = tiny_ckpts["cond"]
+    results = []
+    for extra in ([], [f"guide_ckpt={ckpt}", "guidance=3"]):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(
+                "evaluate",
+                [
+                    f"ckpt={ckpt}",
+                    "dataset=digits",
+                    "eval.recognition=true",
+                    "eval.metrics=[]",
+                    "eval.num_samples=40",
+                    "eval.extractor_steps=50",
+                    f"eval.cache_dir={tmp_path / 'cache'}",
+                    "sampler=euler",
+                    "sampler.nfe=3",
+                    "wandb.mode=disabled",
+                    f"paths.output_dir={tmp_path / str(len(results))}",
+                    *extra,
+                ],
+            )
+        results.append(evaluate(cfg))
+    plain, guided = results
+    assert guided["guide_ckpt"] == ckpt and "guide_ckpt" not in plain
+    assert set(plain["metrics"]) == {
+        "recognition",
+        "recognition_real",
+        "recognition_ratio",
+        "classes_present",
+        "class_accuracy",
+    }
+    for key, value in plain["metrics"].items():
+        assert guided["metrics"][key] == pytest.approx(value, abs=0.03), key
