@@ -1,5 +1,6 @@
 """Every command in docs/guidance.md runs as written (class-conditional 8x8 digits, 1000 steps, so
-last.ckpt and the step-500 guide differ) and each evaluation reports the recognition metrics."""
+last.ckpt and the step-500 guide differ), and classifier-free guidance makes the domain classifier
+see the requested class far more often than the unguided conditional model."""
 
 import json
 import os
@@ -33,7 +34,8 @@ def test_guidance_doc_commands_and_class_accuracy(tmp_path):
         "callbacks.sample_grid.every_n_steps=0 ~callbacks.rich_progress_bar logger=csv "
         "trainer.enable_model_summary=false sampler.nfe=9",
         "sample.py": f"sampler.nfe=9 png=false outdir={tmp_path / 'grid'}",
-        "evaluate.py": f"sampler.nfe=9 eval.num_samples=300 eval.cache_dir={tmp_path / 'cache'}",
+        # 17 NFE: with 9, Heun's steps are too coarse for w=4 (class accuracy collapses to 0.04)
+        "evaluate.py": f"sampler.nfe=17 eval.num_samples=300 eval.cache_dir={tmp_path / 'cache'}",
     }
     results = []
     for i, line in enumerate(commands):
@@ -51,4 +53,6 @@ def test_guidance_doc_commands_and_class_accuracy(tmp_path):
         assert 0 <= r["class_accuracy"] <= 1 and 0 < r["recognition_real"] <= 1
     w1, w2, w4, auto = (r["class_accuracy"] for r in results)
     assert w1 > 0.3, results  # the conditional model draws the requested class far above chance
-    assert len({w1, w2, w4, auto}) == 4, results  # each guidance setting changes the samples
+    # CFG: measured 0.77 -> 0.97 (w=2) and 0.96 (w=4) on a 500-step model, 200 samples
+    assert w2 > w1 + 0.1 and w4 > w1 + 0.1, results
+    assert auto != w1, results  # the step-500 guide changes the samples
