@@ -25,15 +25,17 @@ from diffusionlab.data.datasets import IMAGE_SUFFIXES
 from diffusionlab.diffusion.likelihood import image_bits_per_dim
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import (
+    load_guide,
     load_module,
     module_generator,
     pick_device,
     run_config,
 )
-from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
+from diffusionlab.evaluation.evaluator import Evaluator, dataset_key, domain_extractor
 from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
+from diffusionlab.evaluation.recognition import generate_labelled, recognition_metrics
 from diffusionlab.evaluation.reference import split_indices
 from diffusionlab.evaluation.tables import markdown_lines, write_csv
 from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
@@ -136,16 +138,23 @@ def evaluate(cfg: DictConfig) -> dict:
     if bool(ckpts) == bool(cfg.images):
         raise ConfigError("pass exactly one of ckpt=... or images=...")
     scored = reconstructed_checkpoints(cfg, ckpts) if ckpts else ckpts
-    if len(scored) > 1 and (cfg.sweep.samplers or cfg.bpd.num_images):
+    if len(scored) > 1 and (cfg.sweep.samplers or cfg.bpd.num_images or cfg.guide_ckpt):
         raise ConfigError(
-            "sweep.samplers and bpd.num_images need a single ckpt, not a list or ema_sweep"
+            "sweep.samplers, bpd.num_images and guide_ckpt need a single ckpt (no list, no ema_sweep)"
         )
     number(cfg, "eval.num_samples", int, at_least=2)  # FID needs a covariance
     for key in ("eval.repeats", "eval.batch_size"):
         number(cfg, key, int, at_least=1)
     metrics = OmegaConf.to_container(cfg.eval, resolve=True).get("metrics")
-    if not isinstance(metrics, list) or not metrics or not set(metrics) <= set(METRICS):
+    recognition = bool(cfg.eval.get("recognition", False))
+    if not isinstance(metrics, list) or not set(metrics) <= set(METRICS):
         raise ConfigError(f"eval.metrics={metrics!r} must be a list drawn from {list(METRICS)}")
+    if not metrics and not recognition:
+        raise ConfigError("eval.metrics=[] and eval.recognition=false: nothing to evaluate")
+    if not metrics and (len(scored) > 1 or cfg.sweep.samplers):
+        raise ConfigError("eval.metrics=[]: the FID sweeps (ckpt list, sweep.samplers) need FID")
+    if recognition:
+        number(cfg, "eval.recognition_threshold", above=0.0)
     if cfg.eval.split not in ("all", "train", "test"):
         raise ConfigError(f"eval.split={cfg.eval.split!r} must be all, train or test")
     number(cfg, "guidance")
@@ -154,6 +163,7 @@ def evaluate(cfg: DictConfig) -> dict:
     dcfg = dataset_config(cfg)
     # a single checkpoint is read and checked before anything is logged
     module = load_module(ckpts[0], device) if len(scored) == 1 else None
+    guide = load_guide(cfg.guide_ckpt, module) if module is not None else None
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     if module is not None:
         if cfg.bpd.num_images and module.decoder is not None:
@@ -166,13 +176,20 @@ def evaluate(cfg: DictConfig) -> dict:
                 check_sampler({"name": name, "nfe": nfe}, module.schedule, "sweep.samplers")
     with finish_wandb_run():
         run = start_wandb_run(cfg, ckpts)
-        result = _evaluate(cfg, dcfg, scored, module, sampler, device, run)
+        result = _evaluate(cfg, dcfg, scored, module, sampler, device, run, guide)
         run.log({f"eval/{k}": v for k, v in {**result["metrics"], **result.get("bpd", {})}.items()})
     return result
 
 
 def _evaluate(
-    cfg: DictConfig, dcfg: DictConfig, ckpts: list[str], module, sampler: dict, device, run
+    cfg: DictConfig,
+    dcfg: DictConfig,
+    ckpts: list[str],
+    module,
+    sampler: dict,
+    device,
+    run,
+    guide=None,
 ) -> dict:
     data = instantiate(dcfg)
     e = cfg.eval
@@ -193,7 +210,10 @@ def _evaluate(
     if cfg.images:
         images = load_images(cfg.images, int(data.images.shape[-1]))
         result["images"] = str(cfg.images)
-        result["metrics"] = evaluator.score_images(images)
+        result["metrics"] = evaluator.score_images(images) if e.metrics else {}
+        if e.get("recognition", False):
+            floats = images[:, : data.images.shape[1]].float() / 127.5 - 1.0
+            result["metrics"].update(recognition(cfg, evaluator, data, floats, None))
     elif len(ckpts) > 1 or cfg.ema_sweep.sigma_rels:
         rows, x = ema_sweep(cfg, ckpts, evaluator, device, outdir)
         best = min(rows, key=lambda r: r.get("fid", math.inf))
@@ -202,13 +222,22 @@ def _evaluate(
         log_curve(run, "eval/ema_sweep", "eval/fid_vs_ema", rows, x, None)
     else:
         ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
-        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema), guide)
         result.update(ckpt=ckpts[0], sampler=sampler, num_samples=int(e.num_samples))
-        result["metrics"] = evaluator.score_generator(
-            gen, ranges, int(e.batch_size), cfg.class_label, progress=True
+        if cfg.guide_ckpt:
+            result["guide_ckpt"] = str(cfg.guide_ckpt)
+        result["metrics"] = (
+            evaluator.score_generator(
+                gen, ranges, int(e.batch_size), cfg.class_label, progress=True
+            )
+            if e.metrics
+            else {}
         )
+        if e.get("recognition", False):
+            images, labels = generate_labelled(gen, ranges[0], int(e.batch_size), cfg.class_label)
+            result["metrics"].update(recognition(cfg, evaluator, data, images, labels))
         if cfg.sweep.samplers:
-            result["sweep"] = nfe_sweep(cfg, module, evaluator, ranges, outdir)
+            result["sweep"] = nfe_sweep(cfg, module, evaluator, ranges, outdir, guide)
             log_curve(run, "eval/nfe_sweep", "eval/fid_vs_nfe", result["sweep"], "nfe", "sampler")
         if cfg.bpd.num_images:
             result["bpd"] = bits_per_dim(cfg, module, data, e.split)
@@ -217,13 +246,33 @@ def _evaluate(
     return result
 
 
-def nfe_sweep(cfg: DictConfig, module, evaluator: Evaluator, ranges, outdir: Path) -> list[dict]:
+def recognition(
+    cfg: DictConfig, evaluator: Evaluator, data, images: torch.Tensor, labels
+) -> dict[str, float]:
+    """Recognition metrics of ``images`` (in [-1, 1]) by the domain classifier against the
+    held-out ``test`` split of ``data`` (evaluation/recognition.py); ``labels`` the requested
+    classes (for ``class_accuracy``) or None."""
+    e = cfg.eval
+    ext = evaluator.extractor
+    if e.extractor != "domain":
+        ext = domain_extractor(
+            data, evaluator.dataset, e.cache_dir, e.extractor_steps, evaluator.device
+        )
+    real = data.images[split_indices(len(data), "test")]
+    return recognition_metrics(
+        ext.net, images, real, ext.resolution, labels, float(e.recognition_threshold)
+    )
+
+
+def nfe_sweep(
+    cfg: DictConfig, module, evaluator: Evaluator, ranges, outdir: Path, guide=None
+) -> list[dict]:
     """Metrics for every (sampler, NFE); writes nfe_sweep.csv, nfe_sweep.md and fid_vs_nfe.png."""
     rows = []
     for name in cfg.sweep.samplers:
         for nfe in cfg.sweep.nfe:
             sampler = {"name": name, "nfe": int(nfe), "discretization": cfg.sampler.discretization}
-            gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema))
+            gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema), guide)
             metrics = evaluator.score_generator(
                 gen, ranges, int(cfg.eval.batch_size), cfg.class_label
             )
