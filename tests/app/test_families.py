@@ -110,10 +110,12 @@ def test_every_families_doc_command_runs(tmp_path):
         "logger=csv",
         "~callbacks.rich_progress_bar",
         "~callbacks.sample_grid",
-        "schedule.num_steps=20",  # iDDPM: T = 20 keeps the bound cheap (dropped for NCSN below)
+        "sampler.nfe=5",
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
-    sample_extra = ["sampler.nfe=5", "sampler.options.steps_per_level=2", "n=4"]
+    ncsn_extra = ["sampler.options.steps_per_level=2"]
+    iddpm_extra = ["schedule.num_steps=20"]  # T = 20 keeps the bound cheap
+    sample_extra = ["sampler.nfe=5", "n=4"]
     eval_extra = [
         "sampler.nfe=5",
         "eval.num_samples=20",
@@ -125,10 +127,11 @@ def test_every_families_doc_command_runs(tmp_path):
     ]
     for line in _commands():
         cmd = line.replace("python ", f"{sys.executable} ", 1)
+        family = ncsn_extra if "ncsn" in line else iddpm_extra
         if "train.py" in line:
-            extra = [e for e in train_extra if "ncsn" not in line or "num_steps" not in e]
+            extra = train_extra + family
         elif "sample.py" in line:
-            extra = sample_extra if "annealed_langevin" in line else sample_extra[::2]
+            extra = sample_extra + (ncsn_extra if "ncsn" in line else [])
         else:
             extra = eval_extra
         res = subprocess.run(
