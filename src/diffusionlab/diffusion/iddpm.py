@@ -108,8 +108,8 @@ def vb_terms(
 
 
 def prior_bits(grid: Tensor, x0: Tensor) -> Tensor:
-    """L_T per sample in bits/dim: KL(q(x~_{T-1} | x0) || N(0, (1 + sigma^2) I)), the standard
-    normal prior of x = s x~ written in x~ units, sigma = grid[T-1]."""
+    """L_T per sample in bits/dim: KL(q(x_{T-1} | x0) || N(0, I)) in x = x~ / sqrt(1 + sigma^2)
+    units, q = N(x0 / sqrt(1 + sigma^2), sigma^2 / (1 + sigma^2)), sigma = grid[T-1]."""
     s2 = grid[-1].to(x0.device) ** 2
     var = s2 / (1 + s2)
     kl = normal_kl(
