@@ -22,7 +22,9 @@ from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.reconstruct_ema import sigma_rels
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import IMAGE_SUFFIXES
+from diffusionlab.diffusion.iddpm import vlb_bits_per_dim
 from diffusionlab.diffusion.likelihood import image_bits_per_dim
+from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import (
     load_guide,
@@ -137,6 +139,8 @@ def evaluate(cfg: DictConfig) -> dict:
     ckpts = checkpoints(cfg)
     if bool(ckpts) == bool(cfg.images):
         raise ConfigError("pass exactly one of ckpt=... or images=...")
+    if cfg.bpd.get("method", "ode") not in ("ode", "vlb"):
+        raise ConfigError(f"bpd.method={cfg.bpd.method!r} must be ode or vlb")
     scored = reconstructed_checkpoints(cfg, ckpts) if ckpts else ckpts
     if len(scored) > 1 and (cfg.sweep.samplers or cfg.bpd.num_images or cfg.guide_ckpt):
         raise ConfigError(
@@ -171,6 +175,13 @@ def evaluate(cfg: DictConfig) -> dict:
                 "bpd.num_images: bits/dim needs a pixel-space model, not a latent one"
             )
         check_sampler(sampler, module.schedule)
+        if cfg.bpd.num_images and cfg.bpd.get("method", "ode") == "vlb":
+            param = module.denoiser.parameterization
+            if not (param.learned_variance and module.schedule.discrete):
+                raise ConfigError(
+                    "bpd.method=vlb needs a model trained on a discrete schedule with "
+                    f"parameterization.learned_variance=true (ckpt has {param}, {module.schedule})"
+                )
         for name in cfg.sweep.samplers:
             for nfe in cfg.sweep.nfe:
                 check_sampler({"name": name, "nfe": nfe}, module.schedule, "sweep.samplers")
@@ -341,11 +352,14 @@ def _plot_sweep(rows: list[dict], x: str, series: str | None, path: Path) -> Non
 
 
 def bits_per_dim(cfg: DictConfig, module, data, split: str) -> dict[str, float]:
-    """Mean bits/dim of the first ``bpd.num_images`` images of ``split`` under the EMA model."""
+    """Mean bits/dim of the first ``bpd.num_images`` images of ``split`` under the EMA model:
+    ``bpd.method=ode`` through the probability-flow ODE, ``vlb`` by the variational bound."""
     denoiser = module.ema if cfg.use_ema else module.denoiser
     idx = split_indices(len(data), split)[: int(cfg.bpd.num_images)]
     images = to_uint8_rgb(data.images[idx])[:, : data.images.shape[1]]
     labels = module.one_hot(data.labels[idx].to(module.device)) if module.label_dim else None
+    if cfg.bpd.get("method", "ode") == "vlb":
+        return vlb_bits_per_dim_of(cfg, denoiser, module, images, labels)
     gen = torch.Generator().manual_seed(0)
     bpds, nfes = [], []
     bs = int(cfg.bpd.batch_size)
@@ -372,6 +386,31 @@ def bits_per_dim(cfg: DictConfig, module, data, split: str) -> dict[str, float]:
         "bpd": bpd.mean().item(),
         "bpd_stderr": (bpd.std() / len(bpd) ** 0.5).item(),
         "nfe_mean": float(np.mean(nfes)),
+    }
+
+
+def vlb_bits_per_dim_of(cfg: DictConfig, denoiser, module, images, labels) -> dict[str, float]:
+    """iDDPM's bound (diffusion/iddpm.py) on 8-bit ``images``, T NFE per batch; the noise of
+    image i comes from seed i, whatever the batch size."""
+    x0 = images.to(module.device).float() / 127.5 - 1
+    bs = int(cfg.bpd.batch_size)
+    bpds, priors = [], []
+    for s in range(0, x0.shape[0], bs):
+        lab = labels[s : s + bs] if labels is not None else None
+        gen = StackedRandomGenerator(range(s, min(s + bs, x0.shape[0])), device=module.device)
+
+        def denoise(x, sigma, lab=lab):
+            return denoiser.forward_with_variance(x, sigma, class_labels=lab)
+
+        out = vlb_bits_per_dim(denoise, x0[s : s + bs], module.schedule, gen)
+        bpds.append(out["bpd"].cpu())
+        priors.append(out["prior"].cpu())
+    bpd = torch.cat(bpds)
+    return {
+        "bpd": bpd.mean().item(),
+        "bpd_stderr": (bpd.std() / len(bpd) ** 0.5).item(),
+        "bpd_prior": torch.cat(priors).mean().item(),
+        "nfe_mean": float(module.schedule.t_max + 1),
     }
 
 
