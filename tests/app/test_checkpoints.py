@@ -58,6 +58,17 @@ def test_retention_keeps_last_k_and_periodic(tmp_path):
     assert names == ["last.ckpt", "step_000003.ckpt", "step_000006.ckpt", "step_000007.ckpt"]
 
 
+def test_last_ckpt_holds_the_final_step_between_periodic_saves(tmp_path):
+    overrides = fast_overrides(tmp_path) + [
+        "trainer.max_steps=5",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+    ]
+    train(compose_train(overrides, tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_000003.ckpt"]
+    assert read_checkpoint(ckpts / "last.ckpt", "ckpt_path")["global_step"] == 5
+
+
 def test_atomic_io_refuses_non_finite_weights(tmp_path):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

@@ -66,8 +66,9 @@ def _ckpt(run: Path) -> dict:
     [
         ["model.dropout=0.1"],  # dropout draws from the global RNG: restored per rank
         pytest.param(["loss=edm2"], marks=pytest.mark.slow),  # learned log-variance head
+        ["ema=power", "ema.snapshot_every=1"],  # every EMA profile is in the checkpoint
     ],
-    ids=["dropout", "edm2"],
+    ids=["dropout", "edm2", "power_ema"],
 )
 def test_sigkilled_run_resumes_bitwise(tmp_path, monkeypatch, extra):
     train(compose_train(_overrides(tmp_path, extra), tmp_path / "uninterrupted"))

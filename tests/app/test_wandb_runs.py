@@ -65,7 +65,7 @@ def test_multirun_makes_one_named_run_per_job_in_one_group(grid):
         schedule, parameterization = (kv.split("=")[1] for kv in run.name.split(","))
         assert run.config["schedule"] == schedule
         assert run.config["parameterization"] == parameterization
-        assert run.config["sampler"] == "heun" and run.config["dataset"] == "digits"
+        assert run.config["sampler"] == "edm" and run.config["dataset"] == "digits"
         assert run.config["schedule_cfg"]["_target_"].endswith(
             "VPSchedule" if schedule == "vp" else "EDMSchedule"
         )

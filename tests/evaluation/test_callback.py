@@ -23,8 +23,8 @@ def test_fid_callback_logs_val_fid(tmp_path):
     cfg = compose_train(overrides, tmp_path / "run")
     metrics = train(cfg)
     assert math.isfinite(metrics["eval/fid"]) and metrics["eval/fid"] > 0
-    assert (tmp_path / "cache" / "extractors" / "digits-8.pt").is_file()
-    assert (tmp_path / "cache" / "fid-refs" / "digits-all-8-dl-domain-digits-8.pt").is_file()
+    assert (tmp_path / "cache" / "extractors" / "digits-8-v2.pt").is_file()
+    assert (tmp_path / "cache" / "fid-refs" / "digits-all-8-dl-domain-digits-8-v2.pt").is_file()
     with open(next((tmp_path / "run").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("eval/fid")]

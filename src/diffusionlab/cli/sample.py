@@ -17,7 +17,12 @@ from diffusionlab.checks import check_sampler, number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.checkpoint import load_module, module_generator, pick_device
+from diffusionlab.evaluation.checkpoint import (
+    load_guide,
+    load_module,
+    module_generator,
+    pick_device,
+)
 from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.evaluation.protocol import parse_seeds
@@ -40,15 +45,17 @@ def sample(cfg: DictConfig) -> Path:
     module = load_module(cfg.ckpt, device)
     sampler = resolve_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.ckpt)
     check_sampler(sampler, module.schedule)
-    generator = module_generator(module, sampler, guidance, bool(cfg.use_ema))
+    guide = load_guide(cfg.guide_ckpt, module)
+    generator = module_generator(module, sampler, guidance, bool(cfg.use_ema), guide)
     class_label = number(cfg, "class_label", int, optional=True)
     if class_label is not None and not 0 <= class_label < module.label_dim:
         raise ConfigError(
             f"class_label={cfg.class_label} but the model has label_dim={module.label_dim}"
         )
+    grid_labels = class_grid_labels(cfg, len(seeds), module.label_dim)
     with finish_wandb_run():
         run = start_wandb_run(cfg, [str(cfg.ckpt)])
-        outdir = _sample(cfg, generator, seeds, bs)
+        outdir = _sample(cfg, generator, seeds, bs, grid_labels)
         if cfg.grid:
             import wandb
 
@@ -56,13 +63,40 @@ def sample(cfg: DictConfig) -> Path:
     return outdir
 
 
-def _sample(cfg: DictConfig, generator, seeds: list[int], bs: int) -> Path:
+def class_grid_labels(cfg: DictConfig, n: int, label_dim: int) -> torch.Tensor | None:
+    """With ``class_grid=true``: the label of each of the ``n`` images, one row of
+    ``n // label_dim`` images per class (class k in row k); None otherwise."""
+    if not cfg.class_grid:
+        return None
+    if label_dim == 0:
+        raise ConfigError("class_grid=true needs a class-conditional ckpt (label_dim > 0)")
+    if cfg.class_label is not None:
+        raise ConfigError("class_grid=true draws every class: leave class_label=null")
+    if n % label_dim:
+        raise ConfigError(
+            f"class_grid=true: n={n} images must be a multiple of label_dim={label_dim} "
+            f"(e.g. n={label_dim * 8})"
+        )
+    return torch.arange(n) // (n // label_dim)
+
+
+def _sample(
+    cfg: DictConfig,
+    generator,
+    seeds: list[int],
+    bs: int,
+    grid_labels: torch.Tensor | None = None,
+) -> Path:
     outdir = Path(cfg.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     images, labels = [], []
     for start in tqdm(range(0, len(seeds), bs), desc="sampling", unit="batch"):
         batch = seeds[start : start + bs]
-        noise, lab, gen = generator.seeded_inputs(batch, cfg.class_label)
+        if grid_labels is None:
+            noise, lab, gen = generator.seeded_inputs(batch, cfg.class_label)
+        else:  # a fixed label draws nothing from the per-seed generators; then the grid's labels
+            noise, _, gen = generator.seeded_inputs(batch, 0)
+            lab = grid_labels[start : start + bs].to(noise.device)
         x = generator.sample_images(noise, lab, gen).cpu()
         images.append(x)
         if lab is not None:
@@ -71,7 +105,8 @@ def _sample(cfg: DictConfig, generator, seeds: list[int], bs: int) -> Path:
             _write_pngs(x, batch, outdir)
     x = torch.cat(images)
     if cfg.grid:
-        save_samples_png(x[:256], outdir / "grid.png")
+        nrow = len(seeds) // generator.num_classes if grid_labels is not None else None
+        save_samples_png(x if nrow else x[:256], outdir / "grid.png", nrow)
     if cfg.npz:
         arrays = {"seeds": np.array(seeds)}
         arrays["samples"] = (

@@ -19,6 +19,7 @@ from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.objective import optimized_value
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
+from diffusionlab.data.augment import check_augment
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.training.checkpoint_io import check_resumable
@@ -53,6 +54,9 @@ def check_numbers(cfg: DictConfig) -> None:
     number(cfg, "lr_warmup_steps", int, at_least=0)
     number(cfg, "label_dim", int, at_least=0)
     sampler_numbers(cfg)
+    for key in cfg.get("augment") or {}:
+        if key != "_target_":
+            number(cfg, f"augment.{key}", at_least=0)
     try:
         for group in ("model", "dataset"):
             OmegaConf.to_container(cfg[group], resolve=True)
@@ -99,7 +103,14 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         label_dim=label_dim,
         lr_warmup_steps=cfg.lr_warmup_steps,
         sampler=resolve_sampler(cfg.sampler and _container(cfg.sampler)),
+        lr_schedule=_container(cfg.get("lr_schedule")),
+        augment=_container(cfg.get("augment")),
+        latent=getattr(dataset, "latent", None),
     )
+    module.lr_schedule()  # a bad lr_schedule.* value stops here, not at the first step
+    check_augment(module.augment_pipe, int(cfg.model.get("augment_dim", 0)), dataset.shape)
+    if module.decoder is not None:
+        module.decoder.load_from(dataset.autoencoder)
     check_fits(module, dataset.shape)
     check_sampler(module.hparams.sampler or {}, module.schedule)
     if cfg.get("channels_last"):
@@ -161,7 +172,9 @@ def make_trainer(
     preemption, compile) and the gradient accumulation derived from the global batch."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [
-        NonFiniteGuard(number(cfg, "max_nonfinite_steps", int, at_least=1)),
+        NonFiniteGuard(
+            number(cfg, "max_nonfinite_steps", int, at_least=1), bool(cfg.get("grad_nan_to_num"))
+        ),
         Preemption(Path(cfg.paths.output_dir) / "checkpoints"),
     ]
     callbacks += [CompileNetwork()] if cfg.get("compile") else []

@@ -5,7 +5,7 @@ seeded from ``(seed, e)``) as one endless sequence of *global sample positions* 
 Optimizer step ``s`` trains on positions ``s*B .. s*B + B - 1`` (``B`` = global batch); rank ``r``
 takes the contiguous slice ``r*b .. r*b + b - 1`` of it (``b = B / world_size``) in ``b / m``
 micro-batches of ``m`` (gradient accumulation). Every random choice for a training sample
-(sigma, noise, flip) is drawn from ``sample_seed(seed, position, stream)``, so a step's gradient
+(sigma, noise, flip, augmentation) is drawn from ``sample_seed(seed, position, stream)``, so a step's gradient
 is the same however the batch is split, and a resumed run replays the uninterrupted one.
 """
 
@@ -25,6 +25,7 @@ _MASK64 = (1 << 64) - 1
 NOISE_STREAM = 0
 FLIP_STREAM = 1
 EPOCH_STREAM = 2
+AUGMENT_STREAM = 3
 
 
 def _splitmix64(x: int) -> int:

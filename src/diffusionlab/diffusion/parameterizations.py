@@ -35,7 +35,13 @@ def _unwrap(schedule: Schedule) -> Schedule:
 class Parameterization(ABC):
     """Coefficient functions of one parameterization; subclasses define ``_coefficients``."""
 
-    def __init__(self, schedule: Schedule, c_noise: str = "auto", t_scale: float | None = None):
+    def __init__(
+        self,
+        schedule: Schedule,
+        c_noise: str = "auto",
+        t_scale: float | None = None,
+        learned_variance: bool = False,
+    ) -> None:
         _check(c_noise in C_NOISE_KINDS, "c_noise", c_noise, f"valid values: {list(C_NOISE_KINDS)}")
         if c_noise == "index":
             _check(
@@ -44,6 +50,9 @@ class Parameterization(ABC):
         _check(t_scale is None or t_scale > 0, "t_scale", t_scale, "must be > 0")
         self.schedule = schedule
         self.c_noise_kind, self.t_scale = self._resolve(c_noise, t_scale)
+        # iDDPM (Nichol & Dhariwal 2021 eq. 15): F has 2C channels, the second C interpolate the
+        # reverse step's log-variance (diffusion/iddpm.py); D uses the first C only
+        self.learned_variance = bool(learned_variance)
 
     def _resolve(self, c_noise: str, t_scale: float | None) -> tuple[str, float]:
         if c_noise != "auto":
@@ -81,7 +90,8 @@ class Parameterization(ABC):
         return 1 / self._coefficients(sigma)[1] ** 2
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(c_noise={self.c_noise_kind!r}, t_scale={self.t_scale:g})"
+        lv = ", learned_variance=True" if self.learned_variance else ""
+        return f"{type(self).__name__}(c_noise={self.c_noise_kind!r}, t_scale={self.t_scale:g}{lv})"
 
 
 class EpsParam(Parameterization):
@@ -220,6 +230,9 @@ class Denoiser(nn.Module):
 
     F runs in its parameters' dtype and gets a float32 ``[B]`` c_noise; coefficients and the skip
     connection run in float32 (float64 when ``x`` is float64); the result has ``x``'s dtype.
+    With ``learned_variance`` F outputs 2C channels: D uses the first C and the second C, the
+    variance interpolation v, is returned by :meth:`forward_with_variance` and rides on D as the
+    attribute ``learned_variance``, so samplers that see only ``denoise(x, sigma)`` can use it.
     """
 
     def __init__(self, net: nn.Module, parameterization: Parameterization) -> None:
@@ -238,6 +251,19 @@ class Denoiser(nn.Module):
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
     ) -> Tensor:
+        d, v = self.forward_with_variance(x, sigma, class_labels, augment_labels)
+        if v is not None:
+            d.learned_variance = v
+        return d
+
+    def forward_with_variance(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        class_labels: Tensor | None = None,
+        augment_labels: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(D, v): v is the network's variance output (None without ``learned_variance``)."""
         work = torch.promote_types(x.dtype, torch.float32)
         sigma = _per_sample_sigma(sigma, x, work)
         c_skip, c_out, c_in, c_noise = self.parameterization.coefficients(sigma)
@@ -252,4 +278,16 @@ class Denoiser(nn.Module):
             class_labels=class_labels,
             augment_labels=augment_labels,
         )
-        return (c_skip * xw + c_out * out.to(work)).to(x.dtype)
+        v = None
+        if self.parameterization.learned_variance:
+            _check(
+                out.shape[1] == 2 * x.shape[1],
+                "parameterization.learned_variance",
+                True,
+                f"needs model.out_channels = 2 x {x.shape[1]} data channels, "
+                f"the network gives {out.shape[1]}",
+            )
+            out, v = out.chunk(2, dim=1)
+            v = v.to(work)
+        d = (c_skip * xw + c_out * out.to(work)).to(x.dtype)
+        return d, v

@@ -9,7 +9,7 @@ already scaled to ``sigmas[0]``, ``sigmas`` is strictly decreasing and ends at 0
 samples. A grid that requires grad reaches the samplers as 0-d tensors, so every deterministic
 sampler's output is differentiable in the sigmas (learned grids, ``grid_fit.py``). Cost model (NFE for a grid of N positive sigmas): one evaluation per step for most
 samplers; 2N - 1 for Heun-type ones (the last step to 0 is Euler); N + 1 for PLMS;
-(1 + n_corrector) N for predictor-corrector; adaptive for RK45.
+(1 + n_corrector) N for predictor-corrector; T N (+ 1) for annealed Langevin; adaptive for RK45.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from diffusionlab.diffusion import discretizations
+from diffusionlab.diffusion.iddpm import learned_log_variance
 from diffusionlab.diffusion.noise import Generator, randn_like
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
@@ -104,19 +105,30 @@ def ddpm(m: _Model, x: Tensor, sig: list[float], gen: Generator, variance: str =
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7): mean of the forward posterior
     q(x~_next | x~, x0 = D) = D + (sn/s)^2 (x~ - D), plus noise of variance
     ``small`` = beta-tilde (the posterior's, sn^2 (s^2 - sn^2) / s^2) or ``large`` = beta_t
-    ((s^2 - sn^2)(1 + sn^2) / (1 + s^2) in x~ units, VP schedules)."""
-    if variance not in ("small", "large"):
-        raise ValueError(f"ddpm variance must be 'small' or 'large', got {variance!r}")
+    ((s^2 - sn^2)(1 + sn^2) / (1 + s^2) in x~ units, VP schedules), or ``learned``: iDDPM's
+    interpolation of the two logs by the network's variance output (Nichol & Dhariwal 2021
+    eq. 15), read from D's ``learned_variance`` (parameterization.learned_variance=true). On a
+    respaced grid beta_t and beta-tilde are those of the respaced steps (iDDPM sec. 4)."""
+    if variance not in ("small", "large", "learned"):
+        raise ValueError(f"ddpm variance must be 'small', 'large' or 'learned', got {variance!r}")
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
         den = m(x, s)
         m.report(i, s, x, den)
+        v = getattr(den, "learned_variance", None)
+        if variance == "learned" and v is None:
+            raise ValueError(
+                "ddpm variance='learned' needs a denoiser with a learned variance "
+                "(parameterization.learned_variance=true)"
+            )
         x = den + (sn / s) ** 2 * (x - den)
         if sn > 0:
-            if variance == "small":
-                std = sn * math.sqrt(s**2 - sn**2) / s
+            small = sn**2 * (s**2 - sn**2) / s**2
+            large = (s**2 - sn**2) * (1 + sn**2) / (1 + s**2)
+            if variance == "learned":
+                std = (0.5 * learned_log_variance(v, math.log(small), math.log(large))).exp()
             else:
-                std = math.sqrt((s**2 - sn**2) * (1 + sn**2) / (1 + s**2))
+                std = math.sqrt(small if variance == "small" else large)
             x = x + randn_like(x, gen) * std
     return x
 
@@ -134,6 +146,33 @@ def euler_maruyama(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Te
         else:
             x = x + 2 * (s - sn) / s * (den - x) + randn_like(x, gen) * math.sqrt(2 * s * (s - sn))
     return x
+
+
+def annealed_langevin(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    steps_per_level: int = 100,
+    eps: float = 2e-5,
+    final_denoise: bool = True,
+) -> Tensor:
+    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1): the positive sigmas are the noise
+    levels sigma_1 > ... > sigma_L; at level i, ``steps_per_level`` (T) steps
+    x <- x + alpha_i / 2 * score + sqrt(alpha_i) z with alpha_i = eps sigma_i^2 / sigma_L^2 and
+    score = (D(x; sigma_i) - x) / sigma_i^2. ``final_denoise`` returns D(x; sigma_L) (Tweedie's
+    formula, Jolicoeur-Martineau et al. 2021), one more NFE: L T (+ 1) in all. Stable while
+    eps / sigma_L^2 < 4 (for a target of variance >= sigma^2)."""
+    levels = sig[:-1]
+    last = levels[-1]
+    for i, s in enumerate(levels):
+        alpha = eps * s**2 / last**2
+        for k in range(int(steps_per_level)):
+            den = m(x, s)
+            if k == 0:
+                m.report(i, s, x, den)
+            x = x + 0.5 * alpha * (den - x) / s**2 + randn_like(x, gen) * math.sqrt(alpha)
+    return m(x, last) if final_denoise else x
 
 
 # ----------------------------------------------------------------------------- Heun / EDM
@@ -514,6 +553,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm,
     "euler_ancestral": euler_ancestral,
     "euler_maruyama": euler_maruyama,
+    "annealed_langevin": annealed_langevin,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_3m": dpmpp_3m,
@@ -531,6 +571,7 @@ STOCHASTIC = (
     "ddpm",
     "euler_ancestral",
     "euler_maruyama",
+    "annealed_langevin",
     "dpmpp_2m_sde",
     "dpmpp_3m_sde",
     "dpmpp_2s_ancestral",
@@ -554,7 +595,18 @@ def nfe_for_steps(name: str, n: int, **options: Any) -> int | None:
         return n + 1 if n > 1 else 1
     if name == "pc":
         return (1 + int(options.get("n_corrector", 1))) * n
+    if name == "annealed_langevin":
+        steps, final = _langevin_costs(options)
+        return steps * n + final
     return n
+
+
+def _langevin_costs(options: dict[str, Any]) -> tuple[int, int]:
+    """(T steps per level, 1 if the final denoising step is on) of annealed Langevin."""
+    steps = int(options.get("steps_per_level", 100))
+    if steps < 1:
+        raise ValueError(f"annealed_langevin steps_per_level must be >= 1, got {steps}")
+    return steps, int(bool(options.get("final_denoise", True)))
 
 
 def steps_for_nfe(name: str, nfe: int, **options: Any) -> int:
@@ -575,6 +627,14 @@ def steps_for_nfe(name: str, nfe: int, **options: Any) -> int:
         if nfe < per:
             raise ValueError(f"sampler 'pc' with n_corrector={per - 1} needs nfe >= {per}")
         return nfe // per
+    if name == "annealed_langevin":
+        steps, final = _langevin_costs(options)
+        if nfe < steps + final:
+            raise ValueError(
+                f"sampler 'annealed_langevin' with steps_per_level={steps} and "
+                f"final_denoise={bool(final)} needs nfe >= {steps + final} (levels x steps (+ 1))"
+            )
+        return (nfe - final) // steps
     return nfe
 
 

@@ -64,8 +64,9 @@ class FIDCallback(L.Callback):
 
     def _evaluator_for(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Evaluator:
         if self._evaluator is None:
+            data = trainer.datamodule.dataset
             self._evaluator = Evaluator(
-                trainer.datamodule.dataset,
+                getattr(data, "source", data),  # a latent dataset's source images
                 dataset_key(self.dataset),
                 self.cache_dir,
                 extractor=self.extractor,
@@ -97,6 +98,7 @@ class FIDCallback(L.Callback):
             options=dict(self.sampler.get("options") or {}),
             device=pl_module.device,
             sigmas=self.sampler.get("sigmas"),
+            decode=pl_module.decoder,
         )
         t0 = time.time()
         seeds = range(self.seed, self.seed + self.num_samples)

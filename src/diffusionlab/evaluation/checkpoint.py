@@ -49,20 +49,48 @@ def run_config(ckpt: str) -> DictConfig | None:
     return None
 
 
-def module_generator(
-    module: DiffusionModule, sampler: dict, guidance: float = 1.0, use_ema: bool = True
-) -> DiffusionGenerator:
-    """A :class:`DiffusionGenerator` over the module's (EMA) denoiser with ``sampler`` (``name``,
-    ``nfe``, ``discretization``, ``options``, ``sigmas`` of a learned grid) and classifier-free guidance ``guidance``."""
+def load_guide(guide_ckpt: str | None, module: DiffusionModule) -> DiffusionModule | None:
+    """The autoguidance guide of ``guide_ckpt`` (None when unset), on ``module``'s device; it must
+    generate the same data shape with the same label dimension as ``module``."""
+    if not guide_ckpt:
+        return None
+    guide = load_module(guide_ckpt, module.device)
+    for name in ("data_shape", "label_dim"):
+        if getattr(guide, name) != getattr(module, name):
+            raise ConfigError(
+                f"guide_ckpt={guide_ckpt!r} has {name}={getattr(guide, name)} but ckpt has "
+                f"{getattr(module, name)}: the guide must model the same data and labels"
+            )
+    return guide
+
+
+def _denoise(module: DiffusionModule, use_ema: bool):
     denoiser = module.ema if use_ema else module.denoiser
 
     def denoise(x, sigma, class_labels):
         return denoiser(x, sigma, class_labels=class_labels)
 
-    if guidance != 1.0 and module.label_dim == 0:
-        raise ConfigError(f"guidance={guidance} needs a class-conditional model (label_dim > 0)")
+    return denoise
+
+
+def module_generator(
+    module: DiffusionModule,
+    sampler: dict,
+    guidance: float = 1.0,
+    use_ema: bool = True,
+    guide: DiffusionModule | None = None,
+) -> DiffusionGenerator:
+    """A :class:`DiffusionGenerator` over the module's (EMA) denoiser with ``sampler`` (``name``,
+    ``nfe``, ``discretization``, ``options``, ``sigmas`` of a learned grid) and guidance weight
+    ``guidance``: classifier-free, or
+    autoguidance when ``guide`` (a weaker module, see :func:`load_guide`) is given."""
+    if guidance != 1.0 and module.label_dim == 0 and guide is None:
+        raise ConfigError(
+            f"guidance={guidance} needs a class-conditional model (label_dim > 0) or a "
+            "guide_ckpt (autoguidance)"
+        )
     return DiffusionGenerator(
-        denoise,
+        _denoise(module, use_ema),
         module.schedule,
         module.data_shape,
         num_classes=module.label_dim,
@@ -73,4 +101,6 @@ def module_generator(
         guidance=guidance,
         device=module.device,
         sigmas=sampler.get("sigmas"),
+        decode=module.decoder,
+        guide=_denoise(guide, use_ema) if guide is not None else None,
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.data import TensorImageDataset
 from diffusionlab.errors import ConfigError
@@ -39,6 +40,25 @@ def dataset_key(target: str, path: str | None = None) -> str:
     if path:
         name += "-" + hashlib.sha1(str(Path(path).expanduser().resolve()).encode()).hexdigest()[:8]
     return name
+
+
+def domain_extractor(
+    data: TensorImageDataset,
+    dataset: str,
+    cache_dir: str | Path,
+    steps: int = 300,
+    device: torch.device | str = "cpu",
+) -> FeatureExtractorBase:
+    """The domain classifier of ``data`` (named ``dataset``) from the cache, trained on its
+    ``train`` split on first use."""
+    resolution = int(data.images.shape[-1])
+    path = domain_weights_path(cache_dir, dataset, resolution)
+    if not path.is_file():
+        if rank_and_world()[0] == 0:
+            log.info("training the domain feature extractor -> %s", path)
+            train_and_save(data, dataset, cache_dir, steps)
+        barrier()
+    return create_extractor(domain_name(dataset, resolution), path, device)
 
 
 class Evaluator:
@@ -75,14 +95,7 @@ class Evaluator:
         self._reference: Features | None = None
 
     def _domain_extractor(self, steps: int):
-        resolution = int(self.data.images.shape[-1])
-        path = domain_weights_path(self.cache_dir, self.dataset, resolution)
-        if not path.is_file():
-            if rank_and_world()[0] == 0:
-                log.info("training the domain feature extractor -> %s", path)
-                train_and_save(self.data, self.dataset, self.cache_dir, steps)
-            barrier()
-        return create_extractor(domain_name(self.dataset, resolution), path, self.device)
+        return domain_extractor(self.data, self.dataset, self.cache_dir, steps, self.device)
 
     @property
     def reference(self) -> Features:

@@ -17,6 +17,8 @@ from diffusionlab.errors import ConfigError
 
 INCEPTION = "inception-v3-compat"
 DOMAIN_PREFIX = "dl-domain-"
+# v2: trained with outlier exposure (train_extractor.py), confident only on digits
+DOMAIN_VERSION = "v2"
 
 
 class DomainClassifier(nn.Module):
@@ -120,13 +122,14 @@ class DomainFeatureExtractor(FeatureExtractorBase):
 
 
 def domain_name(dataset: str, resolution: int) -> str:
-    """Registry name of the domain extractor for ``dataset`` at ``resolution``."""
-    return f"{DOMAIN_PREFIX}{dataset}-{resolution}"
+    """Registry name of the domain extractor for ``dataset`` at ``resolution`` (``DOMAIN_VERSION``
+    names the training recipe, so features cached by an older classifier are not reused)."""
+    return f"{DOMAIN_PREFIX}{dataset}-{resolution}-{DOMAIN_VERSION}"
 
 
 def domain_weights_path(cache_dir: str | Path, dataset: str, resolution: int) -> Path:
     """Where the trained domain classifier for (dataset, resolution) lives in the cache."""
-    return Path(cache_dir) / "extractors" / f"{dataset}-{resolution}.pt"
+    return Path(cache_dir) / "extractors" / f"{dataset}-{resolution}-{DOMAIN_VERSION}.pt"
 
 
 def default_layers(name: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch_fidelity.generative_model_base import GenerativeModelBase
 
-from diffusionlab.diffusion.guidance import label_cfg_denoiser
+from diffusionlab.diffusion.guidance import cfg_denoiser, label_cfg_denoiser
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.samplers import sample
 from diffusionlab.evaluation.images import to_uint8_rgb
@@ -25,9 +25,11 @@ class DiffusionGenerator(GenerativeModelBase):
     ``sigmas`` is the fitted grid when ``discretization`` is ``learned``.
     ``denoise(x, sigma, class_labels)`` is the (EMA, optionally guided) denoiser; ``class_labels``
     is a float one-hot ``[B, num_classes]`` or None; ``guidance`` w != 1 applies classifier-free
-    guidance (the all-zeros label is the unconditional model). ``forward(z, labels)`` takes torch-fidelity's
+    guidance (the all-zeros label is the unconditional model), or autoguidance when ``guide`` (a
+    weaker denoiser with the same signature, given the same labels) is set. ``forward(z, labels)`` takes torch-fidelity's
     standard normal ``z`` (``[B, z_size]``) and integer labels and returns uint8 RGB images.
     :meth:`generate` is the seeded path: noise and labels drawn per sample index (EDM generate.py).
+    ``decode`` maps samples of ``shape`` to images (a latent model's decoder), after sampling.
     """
 
     def __init__(
@@ -43,6 +45,8 @@ class DiffusionGenerator(GenerativeModelBase):
         guidance: float = 1.0,
         device: torch.device | str = "cpu",
         sigmas: Sequence[float] | None = None,
+        decode: Callable[[Tensor], Tensor] | None = None,
+        guide: Denoise | None = None,
     ) -> None:
         super().__init__()
         self.denoise = denoise
@@ -55,7 +59,9 @@ class DiffusionGenerator(GenerativeModelBase):
         self.sigmas = sigmas  # the fitted grid of discretization 'learned'
         self.options = dict(options or {})
         self.guidance = float(guidance)
+        self.guide = guide
         self.device = torch.device(device)
+        self.decode = decode
 
     @property
     def z_size(self) -> int:
@@ -82,16 +88,24 @@ class DiffusionGenerator(GenerativeModelBase):
         labels: Tensor | None = None,
         generator: StackedRandomGenerator | torch.Generator | None = None,
     ) -> Tensor:
-        """Run the sampler from standard normal ``noise`` [B, *shape]; images in [-1, 1]."""
+        """Run the sampler from standard normal ``noise`` [B, *shape] (then ``decode``); images
+        in [-1, 1]."""
         one_hot = self.one_hot(labels)
-        if one_hot is not None and self.guidance != 1.0:
+        if self.guide is not None:  # autoguidance, Karras et al. 2024 eq. 1
+            guide = self.guide
+            denoise = cfg_denoiser(
+                lambda x, sigma: self.denoise(x, sigma, one_hot),
+                lambda x, sigma: guide(x, sigma, one_hot),
+                self.guidance,
+            )
+        elif one_hot is not None and self.guidance != 1.0:
             denoise = label_cfg_denoiser(self.denoise, one_hot, self.guidance)
         else:
 
             def denoise(x: Tensor, sigma: Tensor) -> Tensor:
                 return self.denoise(x, sigma, one_hot)
 
-        return sample(
+        x = sample(
             denoise,
             self.schedule,
             noise.to(self.device),
@@ -102,6 +116,7 @@ class DiffusionGenerator(GenerativeModelBase):
             generator=generator,
             grid_options={"sigmas": self.sigmas} if self.sigmas is not None else None,
         )
+        return x if self.decode is None else self.decode(x)
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         return to_uint8_rgb(self.sample_images(z.view(-1, *self.shape), labels))

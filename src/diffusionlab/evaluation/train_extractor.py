@@ -22,6 +22,27 @@ from diffusionlab.evaluation.reference import load_dataset, split_indices
 log = logging.getLogger(__name__)
 
 
+OUTLIER_WEIGHT = 0.5
+
+
+def outliers(x: torch.Tensor, labels: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` non-digits in [-1, 1], uint8-quantised like ``x``: a third uniform noise, a third
+    smooth noise blobs, a third blends (weights 0.35-0.65) of two digits of different classes."""
+    k = n // 3
+    shape = x.shape[1:]
+    noise = torch.rand((k, *shape), generator=g) * 2 - 1
+    small = torch.randn((k, shape[0], 4, 4), generator=g)
+    blobs = F.interpolate(small, size=shape[1:], mode="bilinear", align_corners=False).tanh()
+    m = n - 2 * k
+    a = torch.randint(0, x.shape[0], (m,), generator=g)
+    b = torch.randint(0, x.shape[0], (m,), generator=g)
+    b = torch.where(labels[a] == labels[b], torch.roll(b, 1), b)
+    w = 0.35 + 0.3 * torch.rand((m, 1, 1, 1), generator=g)
+    blends = w * x[a] + (1 - w) * x[b]
+    out = torch.cat([noise, blobs, blends])
+    return uint8_to_unit(to_uint8_rgb(out), shape[0], shape[-1])
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -32,7 +53,11 @@ def train_classifier(
     seed: int = 0,
 ) -> DomainClassifier:
     """Fit a :class:`DomainClassifier` on ``images`` (float NCHW in [-1, 1], quantised to uint8
-    exactly as evaluation sees them) with Adam and a cosine learning rate."""
+    exactly as evaluation sees them) with Adam and a cosine learning rate.
+
+    Outlier exposure (Hendrycks et al. 2019, eq. 1): each step also sees a batch of non-digits
+    (:func:`outliers`) whose target is the uniform distribution, so a confident prediction means
+    a digit, not just any input (recognition.py thresholds that confidence)."""
     torch.manual_seed(seed)
     x = uint8_to_unit(to_uint8_rgb(images), images.shape[1], images.shape[-1])
     net = DomainClassifier(in_channels=images.shape[1], num_classes=num_classes)
@@ -41,7 +66,10 @@ def train_classifier(
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=g)
-        loss = F.cross_entropy(net(x[idx])[1], labels[idx])
+        ood = outliers(x, labels, batch_size // 2, g)
+        logits = net(torch.cat([x[idx], ood]))[1]
+        loss = F.cross_entropy(logits[:batch_size], labels[idx])
+        loss = loss - OUTLIER_WEIGHT * logits[batch_size:].log_softmax(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from diffusionlab.errors import CheckpointError, TrainingDiverged
 
 # hyperparameters that define what the weights mean; a resumed run must match them
-MODEL_KEYS = ("model", "schedule", "parameterization", "data_shape", "label_dim")
+MODEL_KEYS = ("model", "schedule", "parameterization", "data_shape", "label_dim", "latent")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

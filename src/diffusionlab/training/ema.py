@@ -3,6 +3,11 @@
 ``PlainEMA``: fixed decay with the usual warm-up min(decay, (1 + n) / (10 + n)).
 ``HalfLifeEMA``: EDM's half-life in thousands of images with a ramp-up (EDM training_loop.py,
 beta = 0.5 ** (batch / max(halflife, rampup * images_seen))).
+``PowerEMA``: EDM2's power-function EMA, several profiles tracked at once and saved as snapshots
+for post-hoc reconstruction (training/ema_power.py, training/ema_snapshots.py).
+
+A schedule gives ``betas(step, batch_size)``, one decay per tracked profile (``num_profiles``);
+the first profile is the module's sampling EMA.
 """
 
 from __future__ import annotations
@@ -11,9 +16,22 @@ import torch
 from torch import nn
 
 from diffusionlab.errors import ConfigError
+from diffusionlab.training.ema_power import power_beta, sigma_rel_to_gamma
 
 
-class PlainEMA:
+class _OneProfile:
+    """A schedule that tracks a single EMA profile."""
+
+    num_profiles = 1
+
+    def beta(self, step: int, batch_size: int) -> float:
+        raise NotImplementedError
+
+    def betas(self, step: int, batch_size: int) -> list[float]:
+        return [self.beta(step, batch_size)]
+
+
+class PlainEMA(_OneProfile):
     """beta_n = min(decay, (1 + n) / (10 + n)) when ``warmup``, else ``decay``."""
 
     def __init__(self, decay: float = 0.999, warmup: bool = True) -> None:
@@ -28,7 +46,7 @@ class PlainEMA:
         return min(self.decay, (1 + step) / (10 + step))
 
 
-class HalfLifeEMA:
+class HalfLifeEMA(_OneProfile):
     """EDM's EMA: half-life ``halflife_kimg`` thousand images, ramped over ``rampup_ratio`` of them."""
 
     def __init__(self, halflife_kimg: float = 500.0, rampup_ratio: float | None = 0.05) -> None:
@@ -44,7 +62,43 @@ class HalfLifeEMA:
         return 0.5 ** (batch_size / max(halflife, 1e-8))
 
 
-EMASchedule = PlainEMA | HalfLifeEMA
+class PowerEMA:
+    """EDM2's power-function EMA: one profile per ``sigma_rels`` entry, beta_t = (1 - 1/t)^(gamma+1)
+    with t in optimizer steps (EDM2 eq. 5). Every ``snapshot_every`` steps (0 = never) each profile
+    is saved to ``snapshot_dir`` for ``dl-reconstruct-ema``."""
+
+    def __init__(
+        self,
+        sigma_rels: list[float] = (0.05, 0.10),
+        snapshot_every: int = 0,
+        snapshot_dir: str | None = None,
+    ) -> None:
+        sigma_rels = [float(s) for s in sigma_rels]
+        if not sigma_rels:
+            raise ConfigError("ema.sigma_rels is empty: give at least one (EDM2: [0.05, 0.10])")
+        if len(set(sigma_rels)) != len(sigma_rels):
+            raise ConfigError(f"ema.sigma_rels={sigma_rels} repeats a value")
+        self.sigma_rels = sigma_rels
+        self.gammas = [sigma_rel_to_gamma(s, "ema.sigma_rels") for s in sigma_rels]
+        if int(snapshot_every) != snapshot_every or snapshot_every < 0:
+            raise ConfigError(f"ema.snapshot_every={snapshot_every!r} must be an integer >= 0")
+        if snapshot_every and not snapshot_dir:
+            raise ConfigError("ema.snapshot_every > 0 needs ema.snapshot_dir")
+        self.snapshot_every = int(snapshot_every)
+        self.snapshot_dir = snapshot_dir
+
+    @property
+    def num_profiles(self) -> int:
+        return len(self.sigma_rels)
+
+    def betas(self, step: int, batch_size: int) -> list[float]:
+        return [power_beta(gamma, step) for gamma in self.gammas]
+
+    def snapshot_due(self, step: int) -> bool:
+        return self.snapshot_every > 0 and step % self.snapshot_every == 0
+
+
+EMASchedule = PlainEMA | HalfLifeEMA | PowerEMA
 
 
 @torch.no_grad()

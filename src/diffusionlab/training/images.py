@@ -23,13 +23,14 @@ def image_grid(x: Tensor, nrow: int | None = None) -> Tensor:
     return make_grid(to_uint8(x), nrow=nrow, padding=1, pad_value=0)
 
 
-def save_samples_png(x: Tensor, path: Path) -> Path:
-    """Save an image grid (NCHW) or a scatter plot (``[N, 2]`` points) as PNG."""
+def save_samples_png(x: Tensor, path: Path, nrow: int | None = None) -> Path:
+    """Save an image grid (NCHW, ``nrow`` images per row, default square) or a scatter plot
+    (``[N, 2]`` points) as PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 4:
         from torchvision.io import write_png
 
-        grid = image_grid(x)
+        grid = image_grid(x, nrow)
         if grid.shape[0] == 1:
             grid = grid.expand(3, -1, -1).contiguous()
         write_png(grid, str(path))

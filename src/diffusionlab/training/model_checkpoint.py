@@ -39,6 +39,12 @@ class RetainingModelCheckpoint(ModelCheckpoint):
         self.periodic.append((trainer.global_step, filepath))
         self._prune(trainer)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``last.ckpt`` also holds the final step when training stops between two periodic
+        saves (``max_steps`` not a multiple of ``every_n_train_steps``, or ``max_time``)."""
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _prune(self, trainer: L.Trainer) -> None:
         if self.keep_last is None:
             return

@@ -17,11 +17,15 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
+from diffusionlab.data.augment import augment_seeds
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
-from diffusionlab.errors import ConfigError
-from diffusionlab.training.ema import ema_update
+from diffusionlab.errors import CheckpointError, ConfigError
+from diffusionlab.networks.autoencoder import LatentDecoder
+from diffusionlab.training.ema import PowerEMA, ema_update
+from diffusionlab.training.ema_snapshots import save_snapshots
+from diffusionlab.training.lr_schedules import Constant, build_lr_schedule
 from diffusionlab.training.performance import fast_optimizer_options
 from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
 
@@ -42,6 +46,9 @@ class DiffusionModule(L.LightningModule):
         lr_warmup_steps: int = 0,
         loss_buckets: Sequence[float] = (0.1, 0.5, 1.0, 2.0, 10.0),
         sampler: dict | None = None,
+        lr_schedule: dict | None = None,
+        augment: dict | None = None,
+        latent: dict | None = None,
     ) -> None:
         super().__init__()
         # the app logs the whole run config; these hparams only rebuild the module from checkpoints
@@ -52,11 +59,25 @@ class DiffusionModule(L.LightningModule):
         self.loss_fn = instantiate(loss)(
             schedule=self.schedule, parameterization=self.denoiser.parameterization
         )
+        # EDM's non-leaking augmentation (data/augment.py); None = off
+        self.augment_pipe = instantiate(augment) if augment else None
         self.ema_schedule = instantiate(ema)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        # further EMA profiles (ema=power): in the state_dict, so checkpoints hold all of them
+        self.ema_profiles = torch.nn.ModuleList(
+            copy.deepcopy(self.ema) for _ in range(self.ema_schedule.num_profiles - 1)
+        )
         self.data_shape = tuple(int(d) for d in data_shape)
         self.label_dim = int(label_dim)
         self.loss_buckets = [float(b) for b in loss_buckets]
+        # latent diffusion (data/latent.py): the frozen decoder maps samples back to images
+        self.decoder = (
+            None
+            if latent is None
+            else LatentDecoder(
+                latent["autoencoder"], latent["scale_factor"], latent["image_shape"]
+            ).requires_grad_(False)
+        )
         self._rng_states: list[dict] | None = None
         self._samples_in_step = 0  # this rank's samples since the last optimizer step
 
@@ -70,12 +91,20 @@ class DiffusionModule(L.LightningModule):
         return F.one_hot(labels, self.label_dim).float()
 
     def batch_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``: the sigma and noise of
-        each sample come from its own seed (data/sampler.py), drawn on the CPU."""
+        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``: the sigma, noise and
+        augmentation of each sample come from its own seed (data/sampler.py), drawn on the CPU."""
         x0, labels, seeds = batch
+        augment_labels = None
+        if self.augment_pipe is not None:
+            aug_gen = StackedRandomGenerator(augment_seeds(seeds.tolist()))
+            x0, augment_labels = self.augment_pipe(x0, aug_gen)
         generator = StackedRandomGenerator(seeds.tolist())
         return self.loss_fn(
-            self.denoiser, x0, class_labels=self.one_hot(labels), generator=generator
+            self.denoiser,
+            x0,
+            class_labels=self.one_hot(labels),
+            augment_labels=augment_labels,
+            generator=generator,
         )
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -116,15 +145,38 @@ class DiffusionModule(L.LightningModule):
         # here, not in on_train_batch_end: checkpoint callbacks run before that hook and would
         # save the EMA one update behind the weights
         global_batch = self._samples_in_step * self.trainer.world_size
-        beta = self.ema_schedule.beta(self.global_step + 1, global_batch)  # step being completed
-        ema_update(self.ema, self.denoiser, beta)
+        step = self.global_step + 1  # the step being completed
+        profiles = [self.ema, *self.ema_profiles]
+        for ema, beta in zip(profiles, self.ema_schedule.betas(step, global_batch), strict=True):
+            ema_update(ema, self.denoiser, beta)
         self._samples_in_step = 0
+        schedule = self.ema_schedule
+        # the weights are equal on every rank: rank 0 writes the snapshots
+        if (
+            isinstance(schedule, PowerEMA)
+            and schedule.snapshot_due(step)
+            and self.trainer.is_global_zero
+        ):
+            save_snapshots(
+                schedule.snapshot_dir,
+                step,
+                step * global_batch,
+                schedule.sigma_rels,
+                schedule.gammas,
+                profiles,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
+        saved = {k.split(".")[1] for k in checkpoint["state_dict"] if k.startswith("ema_profiles.")}
+        if len(saved) != len(self.ema_profiles):
+            raise CheckpointError(
+                f"the checkpoint holds {len(saved) + 1} EMA profile(s), the ema config "
+                f"{len(self.ema_profiles) + 1}: resume with the ema=... settings that trained it"
+            )
 
     def on_train_start(self) -> None:
         # restored last, so nothing between checkpoint loading and the first step draws from them
@@ -132,19 +184,20 @@ class DiffusionModule(L.LightningModule):
             restore_rank_rng_states(self._rng_states, self.global_rank)
             self._rng_states = None
 
+    def lr_schedule(self) -> Constant:
+        """The factor on ``optimizer.lr`` per optimizer step (training/lr_schedules.py)."""
+        return build_lr_schedule(self.hparams.get("lr_schedule"), self.hparams.lr_warmup_steps)
+
     def configure_optimizers(self) -> dict:
         factory = instantiate(self.hparams.optimizer)
-        params = list(self.parameters())
+        params = [p for p in self.parameters() if p.requires_grad]
         trainer = self._trainer
         # Lightning cannot clip the gradients of a fused optimizer under mixed precision
         amp_clip = trainer is not None and "mixed" in str(trainer.precision)
         amp_clip = amp_clip and bool(trainer.gradient_clip_val)
         kernels = fast_optimizer_options(factory, params, allow_fused=not amp_clip)
         optimizer = factory(params=params, **kernels)
-        warmup = max(int(self.hparams.lr_warmup_steps), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
@@ -159,7 +212,8 @@ class DiffusionModule(L.LightningModule):
         sampler: dict | None = None,
         use_ema: bool = True,
     ) -> Tensor:
-        """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching).
+        """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching), decoded
+        to images for a latent model.
 
         ``sampler`` holds ``name``, ``nfe``, ``discretization``, ``options`` (and ``sigmas`` of a
         learned grid); default: the
@@ -184,4 +238,4 @@ class DiffusionModule(L.LightningModule):
             generator=gen,
             grid_options={"sigmas": cfg["sigmas"]} if cfg.get("sigmas") is not None else None,
         )
-        return out
+        return out if self.decoder is None else self.decoder(out)

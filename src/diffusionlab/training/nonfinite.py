@@ -15,12 +15,18 @@ class NonFiniteGuard(L.Callback):
     logged as ``train/nonfinite_steps``; ``max_consecutive`` in a row raise
     :class:`TrainingDiverged` naming the likely causes.
 
+    ``nan_to_num`` (``grad_nan_to_num``): repair the gradients instead, as EDM's training loop
+    does (``nan_to_num(nan=0, posinf=1e5, neginf=-1e5)``), and take the step; such steps are
+    counted and stop the run in the same way. Lightning clips gradients after this hook, so
+    ``trainer.gradient_clip_val`` sees the repaired gradients.
+
     Under DDP the gradients are already all-reduced here, so every rank skips the same steps."""
 
-    def __init__(self, max_consecutive: int = 20) -> None:
+    def __init__(self, max_consecutive: int = 20, nan_to_num: bool = False) -> None:
         if max_consecutive < 1:
             raise ConfigError(f"max_nonfinite_steps={max_consecutive} must be >= 1")
         self.max_consecutive = max_consecutive
+        self.nan_to_num = nan_to_num
         self.skipped = 0
         self.consecutive = 0
 
@@ -36,7 +42,10 @@ class NonFiniteGuard(L.Callback):
             self.consecutive = 0
             return
         for p in params:
-            p.grad = None
+            if self.nan_to_num:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+            else:
+                p.grad = None
         self.skipped += 1
         self.consecutive += 1
         if self.consecutive >= self.max_consecutive:
@@ -52,12 +61,16 @@ class NonFiniteGuard(L.Callback):
         lr = optimizer.defaults.get("lr", optimizer.param_groups[0]["lr"])
         return (
             f"{self.consecutive} consecutive steps with a non-finite loss or gradient "
-            f"(step {trainer.global_step}, {self.skipped} skipped in all; max_nonfinite_steps="
+            f"(step {trainer.global_step}, {self.skipped} {self._handled} in all; max_nonfinite_steps="
             f"{self.max_consecutive}). Likely causes: optimizer.lr={lr:g} too high; "
             f"trainer.precision={trainer.precision} overflowing (try 32-true or bf16-mixed); "
             f"the schedule/parameterization pair ({_name(hp.get('schedule'))} / "
             f"{_name(hp.get('parameterization'))}) at extreme sigmas; or NaN in the data"
         )
+
+    @property
+    def _handled(self) -> str:
+        return "repaired (grad_nan_to_num)" if self.nan_to_num else "skipped"
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}

@@ -1,0 +1,61 @@
+"""``dl-reconstruct-ema run=<run> sigma_rel=[...]``: EMA checkpoints of any length rebuilt from
+the power-function EMA snapshots of a run trained with ``ema=power`` (EDM2 App. C)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffusionlab.checks import number
+from diffusionlab.cli.common import run_cli, user_errors_exit
+from diffusionlab.config import CONF_DIR
+from diffusionlab.errors import ConfigError
+from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstructions
+
+log = logging.getLogger(__name__)
+
+
+def sigma_rels(cfg: DictConfig, key: str = "sigma_rel") -> list[float]:
+    """``cfg.<key>`` (one number or a list) as a list of floats."""
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"pass {key}=<EMA length> or a list, e.g. {key}=[0.05,0.1]")
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, ListConfig):
+        return [float(number(cfg, key))]
+    if not value:
+        raise ConfigError(f"{key}=[] is empty")
+    return [float(number(OmegaConf.create({"v": v}), "v")) for v in value]
+
+
+def reconstruct_ema(cfg: DictConfig) -> list[Path]:
+    """Write ``<out>/ema_<sigma_rel>.ckpt`` for each ``sigma_rel``; returns their paths."""
+    if not cfg.run and not cfg.snapshots:
+        raise ConfigError(
+            "pass run=<training run folder> (or snapshots=<folder> with ckpt=<checkpoint>)"
+        )
+    values = sigma_rels(cfg)
+    run = Path(cfg.run or Path(cfg.snapshots).parent).expanduser()
+    snapshots = cfg.snapshots or run / SNAPSHOT_FOLDER
+    ckpt = cfg.ckpt or run / "checkpoints" / "last.ckpt"
+    out = Path(cfg.out or run / "ema_reconstructed").expanduser()
+    paths = write_reconstructions(ckpt, snapshots, values, out)
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    return paths
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reconstruct_ema")
+@user_errors_exit
+def app(cfg: DictConfig) -> None:
+    reconstruct_ema(cfg)
+
+
+def main() -> None:
+    """``dl-reconstruct-ema``: user errors end as one ``error: ...`` line."""
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Autoguidance and class grids: the guided denoiser's formula on analytic class Gaussians,
+guide_ckpt checks, and sample.py's class_grid on tiny checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from app.helpers import compose_train, fast_overrides
+from diffusionlab.cli.sample import sample
+from diffusionlab.cli.train import train
+from diffusionlab.config import CONF_DIR
+from diffusionlab.diffusion.schedules import get_schedule
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation import generator as generator_module
+from diffusionlab.evaluation.generator import DiffusionGenerator
+
+from .conftest import RESOLUTION, ClassGaussians
+
+
+def _generator(denoise, guide=None, guidance=1.0) -> DiffusionGenerator:
+    return DiffusionGenerator(
+        denoise,
+        get_schedule("edm"),
+        (1, RESOLUTION, RESOLUTION),
+        num_classes=10,
+        sampler="heun",
+        nfe=5,
+        guidance=guidance,
+        guide=guide,
+    )
+
+
+def _guided_denoise(gen: DiffusionGenerator, labels: torch.Tensor, monkeypatch):
+    """The denoise function ``gen`` hands its sampler for ``labels``."""
+    seen = {}
+
+    def spy(denoise, schedule, noise, **kwargs):
+        seen["denoise"] = denoise
+        return noise
+
+    monkeypatch.setattr(generator_module, "sample", spy)
+    gen.sample_images(torch.zeros(len(labels), 1, RESOLUTION, RESOLUTION), labels)
+    return seen["denoise"]
+
+
+def test_autoguided_denoiser_is_guide_plus_w_times_the_difference(
+    class_gaussians, mnist, monkeypatch
+):
+    """D = D_guide + w (D_main - D_guide) (Karras et al. 2024 eq. 1), both given the same
+    labels; the guide here is a weaker model of the same data (diagonal covariances)."""
+    guide = ClassGaussians(mnist.images, mnist.labels, 10, diagonal=True)
+    labels = torch.tensor([0, 3, 7, 9])
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    x = torch.randn(4, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor(1.5)
+    d_main, d_guide = class_gaussians(x, sigma, one_hot), guide(x, sigma, one_hot)
+    assert (d_main - d_guide).abs().max() > 0.05  # the guide differs, so w matters
+    for w in (1.0, 2.0, 4.0):
+        denoise = _guided_denoise(_generator(class_gaussians, guide, w), labels, monkeypatch)
+        torch.testing.assert_close(denoise(x, sigma), d_guide + w * (d_main - d_guide))
+
+
+def test_a_model_guiding_itself_is_the_model(class_gaussians):
+    labels = torch.arange(10) % 10
+    noise = torch.randn(10, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(1))
+    plain = _generator(class_gaussians).sample_images(noise, labels)
+    guided = _generator(class_gaussians, class_gaussians, 4.0).sample_images(noise, labels)
+    torch.testing.assert_close(guided, plain)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory) -> dict[str, str]:
+    """last.ckpt of 3-step digits runs: class-conditional (label_dim 10) and unconditional."""
+    out = {}
+    for name, extra in (("cond", ["label_dim=10"]), ("uncond", [])):
+        tmp = tmp_path_factory.mktemp(name)
+        train(compose_train([*fast_overrides(tmp), *extra], tmp / "run"))
+        out[name] = str(next((tmp / "run").rglob("last.ckpt")))
+    return out
+
+
+def _sample_cfg(tmp_path, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(
+            "sample",
+            [
+                "sampler=euler",
+                "sampler.nfe=2",
+                "png=false",
+                "wandb.mode=disabled",
+                f"outdir={tmp_path}",
+                f"paths.output_dir={tmp_path}",
+                *overrides,
+            ],
+        )
+
+
+def test_class_grid_has_one_row_per_class(tiny_ckpts, tmp_path):
+    cfg = _sample_cfg(
+        tmp_path, [f"ckpt={tiny_ckpts['cond']}", "class_grid=true", "n=20", "npz=true"]
+    )
+    sample(cfg)
+    labels = np.load(tmp_path / "samples.npz")["labels"]
+    assert labels.tolist() == [k for k in range(10) for _ in range(2)]
+    with Image.open(tmp_path / "grid.png") as grid:  # 10 rows x 2 columns of 8x8, 1-pixel gaps
+        assert grid.size == (2 * 9 + 1, 10 * 9 + 1)
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "overrides", "message"),
+    [
+        ("cond", ["class_grid=true", "n=15"], "n=15 images must be a multiple of label_dim=10"),
+        ("cond", ["class_grid=true", "n=20", "class_label=3"], "leave class_label=null"),
+        ("uncond", ["class_grid=true"], "class_grid=true needs a class-conditional"),
+        ("cond", ["guide_ckpt=uncond"], "has label_dim=0 but ckpt has 10"),
+        ("uncond", ["guidance=2"], "or a guide_ckpt"),
+    ],
+)
+def test_sample_refuses_bad_grids_and_guides(tiny_ckpts, tmp_path, ckpt, overrides, message):
+    overrides = [o.replace("=uncond", f"={tiny_ckpts['uncond']}") for o in overrides]
+    cfg = _sample_cfg(tmp_path, [f"ckpt={tiny_ckpts[ckpt]}", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        sample(cfg)
+
+
+def test_unconditional_autoguidance_samples(tiny_ckpts, tmp_path):
+    """Autoguidance needs no labels: an unconditional model guided by (here) itself at w=3 gives
+    the unguided images."""
+    ckpt = tiny_ckpts["uncond"]
+    plain = sample(_sample_cfg(tmp_path / "plain", [f"ckpt={ckpt}", "n=4", "npz=true"]))
+    guided = sample(
+        _sample_cfg(
+            tmp_path / "guided",
+            [f"ckpt={ckpt}", f"guide_ckpt={ckpt}", "guidance=3", "n=4", "npz=true"],
+        )
+    )
+    a = np.load(plain / "samples.npz")["samples"].astype(int)
+    b = np.load(guided / "samples.npz")["samples"].astype(int)
+    assert np.abs(a - b).max() <= 1  # D_g + 3 (D - D_g) = D up to float rounding
+
+
+def test_evaluate_takes_a_guide_for_a_single_ckpt_only(tmp_path):
+    from diffusionlab.cli.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            ["ckpt=[a.ckpt,b.ckpt]", "guide_ckpt=g.ckpt", f"paths.output_dir={tmp_path}"],
+        )
+    with pytest.raises(ConfigError, match="guide_ckpt need a single ckpt"):
+        evaluate(cfg)
+
+
+def test_evaluate_recognition_with_a_guide(tiny_ckpts, tmp_path):
+    """evaluate.py end to end with guide_ckpt and eval.recognition: a checkpoint guiding itself
+    at w=3 scores exactly like the unguided checkpoint, and the metrics name the guide."""
+    from diffusionlab.cli.evaluate import evaluate
+
+    ckpt = tiny_ckpts["cond"]
+    results = []
+    for extra in ([], [f"guide_ckpt={ckpt}", "guidance=3"]):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(
+                "evaluate",
+                [
+                    f"ckpt={ckpt}",
+                    "dataset=digits",
+                    "eval.recognition=true",
+                    "eval.metrics=[]",
+                    "eval.num_samples=40",
+                    "eval.extractor_steps=50",
+                    f"eval.cache_dir={tmp_path / 'cache'}",
+                    "sampler=euler",
+                    "sampler.nfe=3",
+                    "wandb.mode=disabled",
+                    f"paths.output_dir={tmp_path / str(len(results))}",
+                    *extra,
+                ],
+            )
+        results.append(evaluate(cfg))
+    plain, guided = results
+    assert guided["guide_ckpt"] == ckpt and "guide_ckpt" not in plain
+    assert set(plain["metrics"]) == {
+        "recognition",
+        "recognition_real",
+        "recognition_ratio",
+        "classes_present",
+        "class_accuracy",
+    }
+    for key, value in plain["metrics"].items():
+        assert guided["metrics"][key] == pytest.approx(value, abs=0.03), key
