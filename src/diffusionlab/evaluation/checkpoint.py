@@ -82,8 +82,7 @@ def module_generator(
 ) -> DiffusionGenerator:
     """A :class:`DiffusionGenerator` over the module's (EMA) denoiser with ``sampler`` (``name``,
     ``nfe``, ``discretization``, ``options``, ``sigmas`` of a learned grid) and guidance weight
-    ``guidance``: classifier-free, or
-    autoguidance when ``guide`` (a weaker module, see :func:`load_guide`) is given."""
+    ``guidance``: classifier-free, or autoguidance when ``guide`` (a weaker module, see :func:`load_guide`) is given."""
     if guidance != 1.0 and module.label_dim == 0 and guide is None:
         raise ConfigError(
             f"guidance={guidance} needs a class-conditional model (label_dim > 0) or a "
