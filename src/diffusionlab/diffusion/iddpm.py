@@ -191,12 +191,10 @@ class HybridLoss(DiffusionLoss):
         d, v = denoiser.forward_with_variance(
             noisy.to(x0.dtype), sigma, class_labels=class_labels, augment_labels=augment_labels
         )
-        mse = (d.float() - x0_32).square().flatten(1).mean(1)
-        mse = mse * self.noise.importance_weight(sigma, self.schedule)
         grid = _grid(self.schedule).float()
         t = self.schedule.sigma_to_index(sigma).to(x0.device)
         vb = vb_terms(grid, t, x0_32, noisy, d.detach().float(), v.float())
-        return self.weighting(mse, sigma, self.parameterization), vb
+        return self.weighted_error(d, x0_32, sigma), vb
 
     def forward(
         self,

@@ -59,9 +59,13 @@ class DiffusionLoss(nn.Module):
         sigma_b = sigma.view(-1, *([1] * (x0.ndim - 1)))
         noisy = (x0_32 + sigma_b * n).to(x0.dtype)
         d = denoiser(noisy, sigma, class_labels=class_labels, augment_labels=augment_labels)
-        mse = (d.float() - x0_32).square().flatten(1).mean(1)
+        return self.weighted_error(d, x0_32, sigma), sigma
+
+    def weighted_error(self, d: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:
+        """lambda(sigma) w_is(sigma) mean((D - x0)^2) per sample, in float32 (``x0`` float32)."""
+        mse = (d.float() - x0).square().flatten(1).mean(1)
         mse = mse * self.noise.importance_weight(sigma, self.schedule)
-        return self.weighting(mse, sigma, self.parameterization), sigma
+        return self.weighting(mse, sigma, self.parameterization)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, parameterization={self.parameterization}"
