@@ -55,7 +55,13 @@ def test_retention_keeps_last_k_and_periodic(tmp_path):
     overrides += ["callbacks.model_checkpoint.keep_every_n_steps=3"]
     train(compose_train(overrides, tmp_path))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "step_000003.ckpt", "step_000006.ckpt", "step_000007.ckpt"]
+    assert names == [
+        "guide.ckpt",
+        "last.ckpt",
+        "step_000003.ckpt",
+        "step_000006.ckpt",
+        "step_000007.ckpt",
+    ]
 
 
 def test_last_ckpt_holds_the_final_step_between_periodic_saves(tmp_path):
@@ -65,7 +71,11 @@ def test_last_ckpt_holds_the_final_step_between_periodic_saves(tmp_path):
     ]
     train(compose_train(overrides, tmp_path))
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_000003.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "guide.ckpt",
+        "last.ckpt",
+        "step_000003.ckpt",
+    ]
     assert read_checkpoint(ckpts / "last.ckpt", "ckpt_path")["global_step"] == 5
 
 

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from diffusionlab.data.augment import augment_seeds
+from diffusionlab.diffusion.guidance import cfg_denoiser
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.diffusion.samplers import sample as run_sampler
@@ -211,13 +212,15 @@ class DiffusionModule(L.LightningModule):
         class_labels: Tensor | None = None,
         sampler: dict | None = None,
         use_ema: bool = True,
+        guide: Denoiser | None = None,
+        guidance: float = 1.0,
     ) -> Tensor:
         """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching), decoded
         to images for a latent model.
 
         ``sampler`` holds ``name``, ``nfe``, ``discretization``, ``options`` (and ``sigmas`` of a
-        learned grid); default: the
-        sampler stored in the hyperparameters.
+        learned grid); default: the sampler stored in the hyperparameters. With a ``guide``
+        denoiser, autoguidance D_guide + guidance (D - D_guide) (Karras et al. 2024, eq. 1).
         """
         cfg = dict(sampler or self.hparams.sampler or {"name": "heun", "nfe": 35})
         denoiser = self.ema if use_ema else self.denoiser
@@ -227,6 +230,10 @@ class DiffusionModule(L.LightningModule):
         def denoise(x: Tensor, sigma: Tensor) -> Tensor:
             return denoiser(x, sigma, class_labels=class_labels)
 
+        if guide is not None:
+            denoise = cfg_denoiser(
+                denoise, lambda x, sigma: guide(x, sigma, class_labels=class_labels), guidance
+            )
         out = run_sampler(
             denoise,
             self.schedule,
