@@ -1,6 +1,8 @@
 """The training grid's autoguidance: the run's own EMA at guide_at * max_steps is the guide
 (Karras et al. 2024), written to checkpoints/guide.ckpt for evaluate.py, carried through resume."""
 
+import json
+
 import numpy as np
 import torch
 from PIL import Image
@@ -9,7 +11,7 @@ from diffusionlab.cli.train import train
 from diffusionlab.evaluation.checkpoint import load_module
 from diffusionlab.training.images import save_samples_png
 
-from .helpers import compose_train, fast_overrides
+from .helpers import compose_train, fast_overrides, run_app
 from .test_user_errors import _train_error
 
 
@@ -86,3 +88,24 @@ def test_guidance_needs_max_steps(tmp_path):
 def test_guide_at_out_of_range(tmp_path):
     msg = _train_error(tmp_path, "callbacks.sample_grid.guide_at=1.5")
     assert msg.startswith("callbacks.sample_grid.guide_at=1.5 must be in (0, 1)")
+
+
+def test_readme_recognition_command(tmp_path):
+    """README's default-run measurement, as written, on a tiny run (fewer samples)."""
+    run = _run(tmp_path, [])
+    cmd = (
+        f"ckpt={run}/checkpoints/last.ckpt guide_ckpt={run}/checkpoints/guide.ckpt "
+        "guidance=2 sampler=edm eval.recognition=true eval.metrics=[fid] eval.num_samples=2000"
+    ).split()
+    # dataset: train() in-process writes no .hydra/config.yaml to read it from
+    fast = [
+        "eval.num_samples=64",
+        "sampler.nfe=3",
+        "dataset=digits",
+        f"eval.cache_dir={tmp_path / 'cache'}",
+    ]
+    res = run_app("evaluate.py", [*cmd, *fast, f"paths.output_dir={tmp_path / 'eval'}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["guide_ckpt"].endswith("guide.ckpt")
+    assert {"fid", "recognition_ratio", "classes_present"} <= metrics["metrics"].keys()
