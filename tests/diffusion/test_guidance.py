@@ -70,3 +70,24 @@ def test_guidance_sharpens_towards_the_condition():
     torch.testing.assert_close(
         out1, COND(COND.ode_solution(x, 10.0, 0.01), 0.01), atol=0.03, rtol=0
     )
+
+
+def test_guidance_keeps_the_conditional_learned_variance():
+    """iDDPM's ddpm sampler reads D.learned_variance: both wrappers pass the conditional one on."""
+    x, s = torch.randn(3, 2, dtype=torch.float64), torch.full((3,), 0.7, dtype=torch.float64)
+
+    def with_v(value):
+        def denoise(x, sigma, labels=None):
+            d = x * 0.5 + (0.0 if labels is None else labels.sum(1, keepdim=True))
+            d.learned_variance = torch.full_like(x, value) + (
+                0 if labels is None else labels[:, :1]
+            )
+            return d
+
+        return denoise
+
+    guided = cfg_denoiser(with_v(0.3), with_v(-0.9), 2.0)(x, s)
+    torch.testing.assert_close(guided.learned_variance, torch.full_like(x, 0.3))
+    labels = torch.tensor([[1.0, 0.0]] * 3, dtype=torch.float64)
+    guided = label_cfg_denoiser(with_v(0.3), labels, 2.0)(x, s)
+    torch.testing.assert_close(guided.learned_variance, torch.full_like(x, 1.3))  # cond half

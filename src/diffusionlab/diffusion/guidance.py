@@ -16,12 +16,23 @@ from torch import Tensor
 from diffusionlab.diffusion.samplers import Denoise
 
 
+def _guided(d_cond: Tensor, d_uncond: Tensor, w: float, variance: Tensor | None) -> Tensor:
+    """D_uncond + w (D_cond - D_uncond), carrying the conditional iDDPM variance output."""
+    out = d_uncond + w * (d_cond - d_uncond)
+    if variance is not None:
+        out.learned_variance = variance
+    return out
+
+
 def cfg_denoiser(denoise_cond: Denoise, denoise_uncond: Denoise, w: float) -> Denoise:
-    """D_uncond + w (D_cond - D_uncond); also autoguidance with ``denoise_uncond`` a weaker model."""
+    """D_uncond + w (D_cond - D_uncond); also autoguidance with ``denoise_uncond`` a weaker model.
+    An iDDPM variance output (the ``learned_variance`` attribute of D) is the conditional one's."""
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        d_uncond = denoise_uncond(x, sigma)
-        return d_uncond + w * (denoise_cond(x, sigma) - d_uncond)
+        d_cond = denoise_cond(x, sigma)
+        return _guided(
+            d_cond, denoise_uncond(x, sigma), w, getattr(d_cond, "learned_variance", None)
+        )
 
     return denoise
 
@@ -46,7 +57,9 @@ def label_cfg_denoiser(denoise: LabelDenoise, class_labels: Tensor, w: float) ->
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         sig2 = torch.cat([sigma, sigma]) if sigma.dim() > 0 else sigma
-        d_cond, d_uncond = denoise(torch.cat([x, x]), sig2, labels).chunk(2)
-        return d_uncond + w * (d_cond - d_uncond)
+        d = denoise(torch.cat([x, x]), sig2, labels)
+        v = getattr(d, "learned_variance", None)
+        d_cond, d_uncond = d.chunk(2)
+        return _guided(d_cond, d_uncond, w, None if v is None else v.chunk(2)[0])
 
     return guided
