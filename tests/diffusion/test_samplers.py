@@ -443,3 +443,13 @@ def test_gmm_mode_weights_at_high_nfe(name):
     assert ((frac - weights).abs() < 5 * (weights * (1 - weights) / n).sqrt() + 0.01).all(), frac
     within = (out - means[mode]).pow(2).mean(0) / 0.05
     assert ((within - 1).abs() < 0.15).all(), within
+
+
+def test_ddpm_clip_denoised_clamps_d_to_the_data_range():
+    """DDPM's clip_denoised: D = 5 is taken as 1; the step's mean is D + (sn/s)^2 (x - D)."""
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    far = S._Model(lambda x, sigma: torch.full_like(x, 5.0), None)
+    for clip, want in ((True, 1.0), (False, 5.0)):
+        out = S.ddpm(far, x, [2.0, 1.0, 0.0], gen, variance="small", clip_denoised=clip)
+        torch.testing.assert_close(out, torch.full_like(x, want))

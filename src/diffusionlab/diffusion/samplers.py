@@ -101,14 +101,24 @@ def ddim(m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 0.
     return euler_ancestral(m, x, sig, gen, eta=eta)
 
 
-def ddpm(m: _Model, x: Tensor, sig: list[float], gen: Generator, variance: str = "small") -> Tensor:
+def ddpm(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    variance: str = "small",
+    clip_denoised: bool = False,
+) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7): mean of the forward posterior
     q(x~_next | x~, x0 = D) = D + (sn/s)^2 (x~ - D), plus noise of variance
     ``small`` = beta-tilde (the posterior's, sn^2 (s^2 - sn^2) / s^2) or ``large`` = beta_t
     ((s^2 - sn^2)(1 + sn^2) / (1 + s^2) in x~ units, VP schedules), or ``learned``: iDDPM's
     interpolation of the two logs by the network's variance output (Nichol & Dhariwal 2021
     eq. 15), read from D's ``learned_variance`` (parameterization.learned_variance=true). On a
-    respaced grid beta_t and beta-tilde are those of the respaced steps (iDDPM sec. 4)."""
+    respaced grid beta_t and beta-tilde are those of the respaced steps (iDDPM sec. 4).
+    ``clip_denoised`` clamps D to the data range [-1, 1] before the step, as DDPM's and iDDPM's
+    samplers do (``clip_denoised=True``): an eps-prediction's D = x~ - sigma eps is far off at
+    the large sigmas of discrete VP schedules (cosine: up to 2e4)."""
     if variance not in ("small", "large", "learned"):
         raise ValueError(f"ddpm variance must be 'small', 'large' or 'learned', got {variance!r}")
     for i in range(len(sig) - 1):
@@ -121,6 +131,8 @@ def ddpm(m: _Model, x: Tensor, sig: list[float], gen: Generator, variance: str =
                 "ddpm variance='learned' needs a denoiser with a learned variance "
                 "(parameterization.learned_variance=true)"
             )
+        if clip_denoised:
+            den = den.clamp(-1.0, 1.0)
         x = den + (sn / s) ** 2 * (x - den)
         if sn > 0:
             small = sn**2 * (s**2 - sn**2) / s**2
