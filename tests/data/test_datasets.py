@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from diffusionlab.data import DiffusionDataModule, Toy2D, cifar10, digits, image_folder, mnist
+from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 
 
@@ -95,3 +96,20 @@ def test_datamodule_batches_and_flip():
     assert seeds.shape == (32,) and seeds.unique().numel() == 32
     with pytest.raises(ConfigError, match="data.batch_size"):
         _ = DiffusionDataModule(lambda: digits(), batch_size=5000).dataset
+
+
+def test_dataset_split_is_the_evaluation_partition():
+    """dataset.split=train / test are the fixed 80 / 20 partition of eval.split: disjoint, whole."""
+    full = digits()
+    train, test = digits(split="train"), digits(split="test")
+    assert len(train) + len(test) == len(full) and len(test) == round(0.2 * len(full))
+    idx = split_indices(len(full), "test")
+    assert torch.equal(test.images, full.images[idx]) and torch.equal(test.labels, full.labels[idx])
+    rest = split_indices(len(full), "train")
+    assert not set(idx.tolist()) & set(rest.tolist())
+    assert torch.equal(train.images, full.images[rest])
+
+
+def test_dataset_split_names_its_key():
+    with pytest.raises(ConfigError, match="dataset.split='val'"):
+        digits(split="val")

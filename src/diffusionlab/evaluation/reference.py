@@ -10,27 +10,14 @@ import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.data import TensorImageDataset, digits, mnist
+from diffusionlab.data.datasets import SPLITS, split_indices  # noqa: F401 (re-exported)
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.distributed import barrier, rank_and_world
 from diffusionlab.evaluation.features import Features, dataset_images, image_features
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("all", "train", "test")
 EMBEDDED = {"mnist": mnist, "digits": digits}
-TEST_FRACTION = 0.2
-
-
-def split_indices(n: int, split: str) -> torch.Tensor:
-    """Indices of ``split``: ``all``; or ``train`` / ``test``, a fixed seeded 80 / 20 partition
-    (the embedded datasets ship without one)."""
-    if split == "all":
-        return torch.arange(n)
-    if split not in SPLITS:
-        raise ConfigError(f"eval.split={split!r}: choose one of {SPLITS}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    n_test = round(n * TEST_FRACTION)
-    return perm[:n_test].sort().values if split == "test" else perm[n_test:].sort().values
 
 
 def load_dataset(name: str, resolution: int) -> TensorImageDataset:
