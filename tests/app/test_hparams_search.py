@@ -113,7 +113,7 @@ def test_mnist_optuna_preset_searches_lr_ema_sigma_data_on_fid():
     assert cfg.ema.halflife_kimg > 0  # the searched keys exist in the composed config
     assert cfg.parameterization.sigma_data == 0.5
     # FID once, at the last step, so train() returns it as eval/fid
-    assert cfg.callbacks.fid.every_n_steps == cfg.trainer.max_steps == 2000
+    assert cfg.callbacks.fid.every_n_steps == cfg.trainer.max_steps == 3000
     cfg = _compose(["hparams_search=mnist_optuna", "experiment=edm_mnist"])
     assert cfg.callbacks.fid.every_n_steps == cfg.trainer.max_steps == 20000
 
