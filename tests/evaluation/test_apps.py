@@ -12,9 +12,9 @@ from PIL import Image
 
 from diffusionlab.cli.evaluate import evaluate
 from diffusionlab.config import CONF_DIR
+from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.images import to_uint8_rgb
-from diffusionlab.evaluation.reference import split_indices
 
 
 def _compose(name: str, overrides: list[str]):

@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
+from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import INCEPTION, create_extractor
 from diffusionlab.evaluation.features import generated_features
 from diffusionlab.evaluation.metrics import calculate_metrics, numpy_int_compat
 from diffusionlab.evaluation.protocol import evaluate_generator, seed_ranges, summarize
-from diffusionlab.evaluation.reference import split_indices
 
 
 def test_images_do_not_depend_on_batching(generator):

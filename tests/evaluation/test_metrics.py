@@ -7,10 +7,11 @@ import pytest
 import torch
 from scipy import linalg
 
+from diffusionlab.data.datasets import split_indices
 from diffusionlab.evaluation.checkpoint import load_module, module_generator
 from diffusionlab.evaluation.features import dataset_images, generated_features, image_features
 from diffusionlab.evaluation.metrics import compute_metrics, frechet_distance, statistics
-from diffusionlab.evaluation.reference import reference_path, split_indices
+from diffusionlab.evaluation.reference import reference_path
 
 
 def closed_form_fd(mu1, s1, mu2, s2) -> float:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffusionlab.cli.evaluate import evaluate
 from diffusionlab.config import CONF_DIR
+from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import DomainClassifier, create_extractor
 from diffusionlab.evaluation.images import to_uint8_rgb
@@ -23,7 +24,6 @@ from diffusionlab.evaluation.recognition import (
     recognition_metrics,
     recognition_rate,
 )
-from diffusionlab.evaluation.reference import split_indices
 
 RES = 16
 

@@ -21,7 +21,7 @@ from diffusionlab.checks import check_sampler, number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.reconstruct_ema import sigma_rels
 from diffusionlab.config import CONF_DIR
-from diffusionlab.data.datasets import IMAGE_SUFFIXES
+from diffusionlab.data.datasets import IMAGE_SUFFIXES, SPLITS, split_indices
 from diffusionlab.diffusion.iddpm import vlb_bits_per_dim
 from diffusionlab.diffusion.likelihood import image_bits_per_dim
 from diffusionlab.diffusion.noise import StackedRandomGenerator
@@ -39,7 +39,6 @@ from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.recognition import generate_labelled, recognition_metrics
-from diffusionlab.evaluation.reference import split_indices
 from diffusionlab.evaluation.tables import markdown_lines, write_csv
 from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
 from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstructions
@@ -160,7 +159,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError("eval.metrics=[]: the FID sweeps (ckpt list, sweep.samplers) need FID")
     if recognition:
         number(cfg, "eval.recognition_threshold", above=0.0)
-    if cfg.eval.split not in ("all", "train", "test"):
+    if cfg.eval.split not in SPLITS:
         raise ConfigError(f"eval.split={cfg.eval.split!r} must be all, train or test")
     number(cfg, "guidance")
     sampler_numbers(cfg)

@@ -16,10 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from diffusionlab.checks import check_sampler, sampler_numbers
+from diffusionlab.data.datasets import SPLITS, split_indices
 from diffusionlab.diffusion.samplers import Denoise, Sampler, get_sampler, sigmas_for_nfe
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import load_module, pick_device
-from diffusionlab.evaluation.reference import split_indices
 from diffusionlab.training.images import image_grid
 from diffusionlab.training.module import DiffusionModule
 
@@ -94,7 +94,7 @@ def _from_dataset(cfg: DictConfig) -> Tensor:
     indices = OmegaConf.to_container(cfg.inputs.indices) if cfg.inputs.indices else []
     if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise ConfigError(f"inputs.indices={indices!r} must be a non-empty list of integers")
-    if cfg.inputs.split not in ("all", "train", "test"):
+    if cfg.inputs.split not in SPLITS:
         raise ConfigError(f"inputs.split={cfg.inputs.split!r} must be all, train or test")
     data = instantiate(dataset_config(cfg))
     split = split_indices(len(data), cfg.inputs.split)

@@ -10,7 +10,7 @@ import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.data import TensorImageDataset, digits, mnist
-from diffusionlab.data.datasets import SPLITS, split_indices  # noqa: F401 (re-exported)
+from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.distributed import barrier, rank_and_world
 from diffusionlab.evaluation.features import Features, dataset_images, image_features

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from diffusionlab.data import TensorImageDataset
+from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import DomainClassifier, domain_weights_path, uint8_to_unit
 from diffusionlab.evaluation.images import to_uint8_rgb
-from diffusionlab.evaluation.reference import load_dataset, split_indices
+from diffusionlab.evaluation.reference import load_dataset
 
 log = logging.getLogger(__name__)
 
