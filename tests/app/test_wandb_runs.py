@@ -85,6 +85,11 @@ def test_multirun_makes_one_named_run_per_job_in_one_group(grid):
         assert image["samples/grid/_type"] == "images/separated"
         (png,) = image["samples/grid/filenames"]
         assert (run.dir / "files" / png).is_file()
+        # beside it the autoguided grid (guide: the EMA at step round(0.15 * 3) -> 1)
+        (guided,) = [h for h in run.history if "samples/grid_autoguided/_type" in h]
+        assert guided["trainer/global_step"] == 3
+        (png,) = guided["samples/grid_autoguided/filenames"]
+        assert (run.dir / "files" / png).is_file()
 
 
 EVAL = [
