@@ -158,6 +158,9 @@ def test_train_py_subprocess_writes_run_dir(tmp_path):
         assert (run / item).exists(), item
     saved = (run / ".hydra" / "config.yaml").read_text()
     assert "digits" in saved
+    # A clean console: no library warning a user cannot act on (Lightning's eval-mode note on the
+    # EMA copy, its pytree deprecation under newer torch).
+    assert "Warning" not in res.stderr and "deprecated" not in res.stderr, res.stderr[-3000:]
 
 
 def test_multirun_grid_writes_four_jobs(tmp_path):

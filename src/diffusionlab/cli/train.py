@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # Intentional: the EMA copy lives in eval mode, and the CSV logger shares Hydra's run directory.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+# Lightning's own use of a torch pytree API that newer torch deprecates; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _container(cfg: DictConfig | None) -> dict | None:
