@@ -22,15 +22,21 @@ def _optimizer(grad: torch.Tensor) -> SimpleNamespace:
     return SimpleNamespace(param_groups=[{"params": [p]}])
 
 
+# a trainer on a step that does not log (step 1 of 10, trainer.log_every_n_steps not due)
+NOT_LOGGING = SimpleNamespace(
+    max_steps=10, global_step=0, _logger_connector=SimpleNamespace(should_update_logs=False)
+)
+
+
 def test_guard_repairs_elements_or_drops_the_gradients():
     grad = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5])
     opt = _optimizer(grad)
     guard = NonFiniteGuard(max_consecutive=5, nan_to_num=True)
-    guard.on_before_optimizer_step(None, None, opt)
+    guard.on_before_optimizer_step(NOT_LOGGING, None, opt)
     assert opt.param_groups[0]["params"][0].grad.tolist() == [0.0, 1e5, -1e5, 0.5]
     assert (guard.skipped, guard.consecutive) == (1, 1)
     opt = _optimizer(grad)
-    NonFiniteGuard(max_consecutive=5).on_before_optimizer_step(None, None, opt)
+    NonFiniteGuard(max_consecutive=5).on_before_optimizer_step(NOT_LOGGING, None, opt)
     assert opt.param_groups[0]["params"][0].grad is None
 
 

@@ -6,13 +6,14 @@ import lightning as L
 import torch
 
 from diffusionlab.errors import ConfigError, TrainingDiverged
+from diffusionlab.training.log_steps import is_logging_step
 
 
 class NonFiniteGuard(L.Callback):
     """Before each optimizer step: if any gradient holds NaN or inf (a non-finite loss makes them
     so), drop all gradients so the optimizer leaves weights and moments untouched (Adam skips
     parameters without a gradient; a zero gradient would still move them). Skipped steps are
-    logged as ``train/nonfinite_steps``; ``max_consecutive`` in a row raise
+    counted in ``train/nonfinite_steps`` (logged on logging steps); ``max_consecutive`` in a row raise
     :class:`TrainingDiverged` naming the likely causes.
 
     ``nan_to_num`` (``grad_nan_to_num``): repair the gradients instead, as EDM's training loop
@@ -40,19 +41,18 @@ class NonFiniteGuard(L.Callback):
             or torch.stack(torch._foreach_norm([p.grad for p in params])).isfinite().all()
         ):
             self.consecutive = 0
-            return
-        for p in params:
-            if self.nan_to_num:
-                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-            else:
-                p.grad = None
-        self.skipped += 1
-        self.consecutive += 1
+        else:
+            for p in params:
+                if self.nan_to_num:
+                    torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+                else:
+                    p.grad = None
+            self.skipped += 1
+            self.consecutive += 1
+        if is_logging_step(trainer):
+            pl_module.log("train/nonfinite_steps", float(self.skipped))
         if self.consecutive >= self.max_consecutive:
             raise TrainingDiverged(self.message(trainer, pl_module, optimizer))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        pl_module.log("train/nonfinite_steps", float(self.skipped))
 
     def message(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
