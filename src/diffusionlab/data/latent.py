@@ -23,8 +23,9 @@ from torch import Tensor
 
 from diffusionlab.data.datasets import TensorImageDataset
 from diffusionlab.errors import ConfigError
+from diffusionlab.files import file_sha256
 from diffusionlab.networks.autoencoder import AutoencoderKL
-from diffusionlab.training.autoencoder import file_sha256, load_autoencoder
+from diffusionlab.training.autoencoder import load_autoencoder
 
 log = logging.getLogger(__name__)
 

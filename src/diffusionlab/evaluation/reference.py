@@ -14,6 +14,7 @@ from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.distributed import barrier, rank_and_world
 from diffusionlab.evaluation.features import Features, dataset_images, image_features
+from diffusionlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,7 @@ def reference_features(
     images = data.images[split_indices(len(data), split)]
     feats = image_features(dataset_images(images), images.shape[0], extractor, batch_size)
     if rank_and_world()[0] == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(feats, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda f: torch.save(feats, f))
         log.info("cached reference features %s (%d images)", path, images.shape[0])
     barrier()
     return feats

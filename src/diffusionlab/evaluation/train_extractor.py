@@ -19,6 +19,7 @@ from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import DomainClassifier, domain_weights_path, uint8_to_unit
 from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.reference import load_dataset
+from diffusionlab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +104,13 @@ def train_and_save(
     )
     acc = accuracy(net, data.images[test], data.labels[test])
     path = domain_weights_path(cache_dir, dataset, resolution)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "state_dict": net.state_dict(),
-            "config": net.config,
-            "resolution": resolution,
-            "accuracy": acc,
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    state = {
+        "state_dict": net.state_dict(),
+        "config": net.config,
+        "resolution": resolution,
+        "accuracy": acc,
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
     log.info("domain extractor %s: test accuracy %.4f in %.1fs", path, acc, time.time() - t0)
     return path, acc
 

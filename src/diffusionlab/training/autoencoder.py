@@ -8,7 +8,6 @@ Loss per image, as latent-diffusion's ``LPIPSWithDiscriminator`` without its LPI
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from diffusionlab.errors import CheckpointError, ConfigError
+from diffusionlab.files import atomic_write
 from diffusionlab.networks.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,8 @@ def train_autoencoder(
 
 def save_autoencoder(path: Path, ae: AutoencoderKL, config: dict, meta: dict[str, Any]) -> None:
     """``{"config": the AutoencoderKL arguments, "state_dict", "meta": how it was made}``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": config, "state_dict": ae.state_dict(), "meta": meta}, tmp)
-    tmp.replace(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    state = {"config": config, "state_dict": ae.state_dict(), "meta": meta}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_autoencoder(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from diffusionlab.errors import CheckpointError, TrainingDiverged
+from diffusionlab.files import atomic_write
 
 # hyperparameters that define what the weights mean; a resumed run must match them
 MODEL_KEYS = ("model", "schedule", "parameterization", "data_shape", "label_dim", "latent")
@@ -29,19 +29,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TrainingDiverged(
                 f"refusing to write {path}: non-finite weights in {', '.join(bad[:3])}"
             )
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            self.write(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, lambda f: self.write(checkpoint, f))
 
     def write(self, checkpoint: dict[str, Any], f) -> None:
         """Serialize ``checkpoint`` into the open temporary file."""
