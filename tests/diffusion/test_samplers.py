@@ -453,3 +453,39 @@ def test_ddpm_clip_denoised_clamps_d_to_the_data_range():
     for clip, want in ((True, 1.0), (False, 5.0)):
         out = S.ddpm(far, x, [2.0, 1.0, 0.0], gen, variance="small", clip_denoised=clip)
         torch.testing.assert_close(out, torch.full_like(x, want))
+
+
+# ------------------------------------------------------------------ registry
+def test_a_sampler_is_one_decorated_function(gauss, monkeypatch):
+    """A new sampler registers its loop, cost model and noise predicate in one record; every
+    helper (options check, NFE <-> steps, stochastic, grids) then knows it."""
+    monkeypatch.setattr(S, "SAMPLERS", dict(S.SAMPLERS))
+
+    @S.register_sampler(S.TWO_PER_STEP, S.draws_noise("eta", 0.0))
+    def midpoint(m, x, sig, gen, eta: float = 0.0):
+        for i in range(len(sig) - 1):
+            s, sn = sig[i], sig[i + 1]
+            if sn == 0:
+                x = m(x, s)
+                continue
+            mid = (s * sn) ** 0.5
+            x_mid = x + (mid - s) / s * (x - m(x, s))
+            x = x + (sn - s) / mid * (x_mid - m(x_mid, mid))
+        return x
+
+    assert S.steps_for_nfe("midpoint", 39) == 20 and S.nfe_for_steps("midpoint", 20) == 39
+    assert not S.get_sampler("midpoint").stochastic and S.get_sampler("midpoint", eta=1).stochastic
+    z = torch.randn(256, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for name in ("midpoint", "euler"):
+        smp = S.get_sampler(name)
+        sig = S.sigmas_for_nfe(get_schedule("edm"), name, 39)
+        out = smp(gauss, z * sig[0], sig)
+        assert smp.nfe == 39
+        exact = gauss.ode_solution(z * sig[0], float(sig[0]), 0.0)
+        errors[name] = float((out - exact).norm(dim=1).mean())
+    assert errors["midpoint"] < 0.5 * errors["euler"]  # second order at the same NFE
+    with pytest.raises(ValueError, match="unknown options"):
+        S.get_sampler("midpoint", churn=1)
+    with pytest.raises(ValueError, match="registered twice"):
+        S.register_sampler()(midpoint)

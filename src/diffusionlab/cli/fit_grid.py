@@ -45,7 +45,7 @@ def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
     except ValueError as e:
         raise ConfigError(f"sampler={name} / fit.teacher={cfg.fit.teacher}: {e}") from None
     for s, key in ((smp, "sampler"), (teacher, "fit.teacher")):
-        if s.stochastic or s.name == "rk45":
+        if s.stochastic or s.adaptive:
             raise ConfigError(f"{key}={s.name}: a learned grid needs a deterministic sampler")
     module = load_module(cfg.ckpt, pick_device(cfg.device))
     dtype = DTYPES[cfg.fit.dtype]

@@ -129,7 +129,7 @@ def fit_discretization(
     smp = get_sampler(sampler) if isinstance(sampler, str) else sampler
     tch = get_sampler(teacher) if isinstance(teacher, str) else teacher
     for s, key in ((smp, "sampler"), (tch, "teacher")):
-        if s.stochastic or s.name == "rk45":
+        if s.stochastic or s.adaptive:
             raise ValueError(f"{key} {s.name!r} must be a deterministic fixed-grid sampler")
     n = steps_for_nfe(smp.name, nfe, **smp.options)
     device = torch.device(device)

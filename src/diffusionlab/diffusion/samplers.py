@@ -7,16 +7,21 @@ already scaled to ``sigmas[0]``, ``sigmas`` is strictly decreasing and ends at 0
 ``sampler.nfe`` holds the exact count of the last run. All noise comes from
 :func:`diffusionlab.diffusion.noise.randn_like`, so per-sample generators give batch-independent
 samples. A grid that requires grad reaches the samplers as 0-d tensors, so every deterministic
-sampler's output is differentiable in the sigmas (learned grids, ``grid_fit.py``). Cost model (NFE for a grid of N positive sigmas): one evaluation per step for most
-samplers; 2N - 1 for Heun-type ones (the last step to 0 is Euler); N + 1 for PLMS;
-(1 + n_corrector) N for predictor-corrector; T N (+ 1) for annealed Langevin; adaptive for RK45.
+sampler's output is differentiable in the sigmas (learned grids, ``grid_fit.py``).
+
+Each sampler is registered by :func:`register_sampler` with its facts in one record
+(:class:`SamplerInfo`): the step loop, its cost model and whether it draws noise. Cost (NFE for a
+grid of N positive sigmas): one evaluation per step for most samplers; 2N - 1 for Heun-type ones
+(the last step to 0 is Euler); N + 1 for PLMS; (1 + n_corrector) N for predictor-corrector;
+T N (+ 1) for annealed Langevin; adaptive for RK45.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,7 +66,84 @@ class _Model:
             self.callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised, "nfe": self.nfe})
 
 
-# ----------------------------------------------------------------------------- first order
+# ----------------------------------------------------------------------------- registry
+Options = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A sampler's cost model: ``nfe(n, options)`` network evaluations on a grid of ``n``
+    positive sigmas (None: adaptive), and ``steps(nfe, options)``, the most positive sigmas a
+    budget of ``nfe >= 1`` evaluations pays for."""
+
+    nfe: Callable[[int, Options], int | None]
+    steps: Callable[[int, Options], int]
+
+
+ONE_PER_STEP = Cost(lambda n, o: n, lambda nfe, o: nfe)
+# Heun-type: two evaluations per step, one for the last step (to sigma = 0, Euler)
+TWO_PER_STEP = Cost(lambda n, o: 2 * n - 1, lambda nfe, o: (nfe + 1) // 2)
+
+
+def never(options: Options) -> bool:
+    """A deterministic sampler: it draws no noise whatever its options."""
+    return False
+
+
+def always(options: Options) -> bool:
+    """A sampler that draws noise whatever its options."""
+    return True
+
+
+def draws_noise(option: str, default: float) -> Callable[[Options], bool]:
+    """Stochastic while ``options[option]`` (``default`` when unset) is > 0: eta, S_churn."""
+    return lambda options: float(options.get(option, default)) > 0
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """One registered sampler: its step loop ``fn(m, x, sig, gen, **options)``, its cost model
+    and whether it draws noise with given options."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    cost: Cost
+    stochastic: Callable[[Options], bool]
+
+    @property
+    def option_names(self) -> list[str]:
+        """The options ``fn`` takes (its keyword parameters after ``m, x, sig, gen``)."""
+        params = inspect.signature(self.fn).parameters
+        return [p for p in params if p not in ("m", "x", "sig", "gen")]
+
+
+SAMPLERS: dict[str, SamplerInfo] = {}
+
+
+def register_sampler(
+    cost: Cost = ONE_PER_STEP, stochastic: Callable[[Options], bool] = never
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator: register the sampler ``fn`` under its function name, with its cost model and
+    its noise predicate. A new sampler is one decorated function (and its ``conf/sampler`` YAML)."""
+
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if fn.__name__ in SAMPLERS:
+            raise ValueError(f"sampler {fn.__name__!r} is registered twice")
+        SAMPLERS[fn.__name__] = SamplerInfo(fn.__name__, fn, cost, stochastic)
+        return fn
+
+    return register
+
+
+def sampler_info(name: str) -> SamplerInfo:
+    """The registered sampler ``name``; a ValueError lists the valid names."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+# ----------------------------------------------------------------------------- first order, Heun
+@register_sampler()
 def euler(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
     """Euler on the probability-flow ODE (EDM eq. 4); equals DDIM(eta=0) and DPM-Solver++ 1."""
     for i in range(len(sig) - 1):
@@ -72,35 +154,50 @@ def euler(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
     return x
 
 
-def _ancestral_step(s: float, sn: float, eta: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up) with sigma_up^2 = eta^2 sn^2 (s^2 - sn^2) / s^2 (DDIM eq. 16)."""
-    if eta == 0:
-        return sn, 0.0
-    up = min(sn, eta * math.sqrt(max(sn**2 * (s**2 - sn**2) / s**2, 0.0)))
-    return math.sqrt(max(sn**2 - up**2, 0.0)), up
+@register_sampler(TWO_PER_STEP)
+def heun(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
+    """EDM Alg. 1: deterministic Heun (2nd order), 2N - 1 NFE."""
+    return edm(m, x, sig, gen)
 
 
-def euler_ancestral(
-    m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 1.0, s_noise: float = 1.0
+@register_sampler(TWO_PER_STEP, draws_noise("S_churn", 0.0))
+def edm(
+    m: _Model,
+    x: Tensor,
+    sig: list[float],
+    gen: Generator,
+    S_churn: float = 0.0,
+    S_tmin: float = 0.0,
+    S_tmax: float = float("inf"),
+    S_noise: float = 1.0,
 ) -> Tensor:
-    """Euler down to sigma_down, then fresh noise of std sigma_up. In sigma-space this *is*
-    DDIM with ``eta`` (DDIM eq. 12 with x~ = x / sqrt(alpha_bar)) for any schedule."""
-    for i in range(len(sig) - 1):
+    """EDM Alg. 2: Heun's 2nd-order method with optional churn (stochastic when S_churn > 0);
+    the last step to sigma = 0 is Euler, so N steps cost 2N - 1 NFE."""
+    n = len(sig) - 1
+    for i in range(n):
         s, sn = sig[i], sig[i + 1]
-        den = m(x, s)
-        m.report(i, s, x, den)
-        down, up = _ancestral_step(s, sn, eta)
-        x = x + (down - s) / s * (x - den)
-        if sn > 0 and up > 0:
-            x = x + randn_like(x, gen) * (s_noise * up)
+        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= s <= S_tmax else 0.0
+        s_hat = s * (1 + gamma)
+        if gamma > 0:
+            x = x + randn_like(x, gen) * (S_noise * math.sqrt(s_hat**2 - s**2))
+        den = m(x, s_hat)
+        m.report(i, s_hat, x, den)
+        d = (x - den) / s_hat
+        x_next = x + (sn - s_hat) * d
+        if sn > 0:
+            d2 = (x_next - m(x_next, sn)) / sn
+            x_next = x + (sn - s_hat) * 0.5 * (d + d2)
+        x = x_next
     return x
 
 
+@register_sampler(stochastic=draws_noise("eta", 0.0))
 def ddim(m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 0.0) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) in sigma-space; eta=0 is Euler, eta=1 is DDPM ancestral."""
     return euler_ancestral(m, x, sig, gen, eta=eta)
 
 
+@register_sampler(stochastic=always)
 def ddpm(
     m: _Model,
     x: Tensor,
@@ -145,6 +242,32 @@ def ddpm(
     return x
 
 
+def _ancestral_step(s: float, sn: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) with sigma_up^2 = eta^2 sn^2 (s^2 - sn^2) / s^2 (DDIM eq. 16)."""
+    if eta == 0:
+        return sn, 0.0
+    up = min(sn, eta * math.sqrt(max(sn**2 * (s**2 - sn**2) / s**2, 0.0)))
+    return math.sqrt(max(sn**2 - up**2, 0.0)), up
+
+
+@register_sampler(stochastic=draws_noise("eta", 1.0))
+def euler_ancestral(
+    m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 1.0, s_noise: float = 1.0
+) -> Tensor:
+    """Euler down to sigma_down, then fresh noise of std sigma_up. In sigma-space this *is*
+    DDIM with ``eta`` (DDIM eq. 12 with x~ = x / sqrt(alpha_bar)) for any schedule."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s)
+        m.report(i, s, x, den)
+        down, up = _ancestral_step(s, sn, eta)
+        x = x + (down - s) / s * (x - den)
+        if sn > 0 and up > 0:
+            x = x + randn_like(x, gen) * (s_noise * up)
+    return x
+
+
+@register_sampler(stochastic=always)
 def euler_maruyama(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
     """Euler-Maruyama on the reverse SDE dx = -2 sigma score dsigma + sqrt(2 sigma) dW
     (EDM eq. 6 with beta = sigma'/sigma, i.e. Song et al. 2021's reverse VE SDE); the last
@@ -160,6 +283,30 @@ def euler_maruyama(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Te
     return x
 
 
+def _langevin_costs(options: Options) -> tuple[int, int]:
+    """(T steps per level, 1 if the final denoising step is on) of annealed Langevin."""
+    steps = int(options.get("steps_per_level", 100))
+    if steps < 1:
+        raise ValueError(f"annealed_langevin steps_per_level must be >= 1, got {steps}")
+    return steps, int(bool(options.get("final_denoise", True)))
+
+
+def _langevin_nfe(n: int, options: Options) -> int:
+    steps, final = _langevin_costs(options)
+    return steps * n + final
+
+
+def _langevin_levels(nfe: int, options: Options) -> int:
+    steps, final = _langevin_costs(options)
+    if nfe < steps + final:
+        raise ValueError(
+            f"sampler 'annealed_langevin' with steps_per_level={steps} and "
+            f"final_denoise={bool(final)} needs nfe >= {steps + final} (levels x steps (+ 1))"
+        )
+    return (nfe - final) // steps
+
+
+@register_sampler(Cost(_langevin_nfe, _langevin_levels), always)
 def annealed_langevin(
     m: _Model,
     x: Tensor,
@@ -187,43 +334,8 @@ def annealed_langevin(
     return m(x, last) if final_denoise else x
 
 
-# ----------------------------------------------------------------------------- Heun / EDM
-def edm(
-    m: _Model,
-    x: Tensor,
-    sig: list[float],
-    gen: Generator,
-    S_churn: float = 0.0,
-    S_tmin: float = 0.0,
-    S_tmax: float = float("inf"),
-    S_noise: float = 1.0,
-) -> Tensor:
-    """EDM Alg. 2: Heun's 2nd-order method with optional churn (stochastic when S_churn > 0);
-    the last step to sigma = 0 is Euler, so N steps cost 2N - 1 NFE."""
-    n = len(sig) - 1
-    for i in range(n):
-        s, sn = sig[i], sig[i + 1]
-        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= s <= S_tmax else 0.0
-        s_hat = s * (1 + gamma)
-        if gamma > 0:
-            x = x + randn_like(x, gen) * (S_noise * math.sqrt(s_hat**2 - s**2))
-        den = m(x, s_hat)
-        m.report(i, s_hat, x, den)
-        d = (x - den) / s_hat
-        x_next = x + (sn - s_hat) * d
-        if sn > 0:
-            d2 = (x_next - m(x_next, sn)) / sn
-            x_next = x + (sn - s_hat) * 0.5 * (d + d2)
-        x = x_next
-    return x
-
-
-def heun(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
-    """EDM Alg. 1: deterministic Heun (2nd order), 2N - 1 NFE."""
-    return edm(m, x, sig, gen)
-
-
 # ----------------------------------------------------------------------------- DPM-Solver++
+@register_sampler(stochastic=draws_noise("eta", 0.0))
 def dpmpp_2m(
     m: _Model,
     x: Tensor,
@@ -259,6 +371,7 @@ def dpmpp_2m(
     return x
 
 
+@register_sampler(stochastic=draws_noise("eta", 1.0))
 def dpmpp_2m_sde(
     m: _Model,
     x: Tensor,
@@ -272,6 +385,7 @@ def dpmpp_2m_sde(
     return dpmpp_2m(m, x, sig, gen, eta=eta, s_noise=s_noise, solver_type=solver_type)
 
 
+@register_sampler(stochastic=draws_noise("eta", 0.0))
 def dpmpp_3m(
     m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 0.0, s_noise: float = 1.0
 ) -> Tensor:
@@ -306,6 +420,7 @@ def dpmpp_3m(
     return x
 
 
+@register_sampler(stochastic=draws_noise("eta", 1.0))
 def dpmpp_3m_sde(
     m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 1.0, s_noise: float = 1.0
 ) -> Tensor:
@@ -313,6 +428,7 @@ def dpmpp_3m_sde(
     return dpmpp_3m(m, x, sig, gen, eta=eta, s_noise=s_noise)
 
 
+@register_sampler(TWO_PER_STEP, draws_noise("eta", 0.0))
 def dpmpp_2s(
     m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 0.0, s_noise: float = 1.0
 ) -> Tensor:
@@ -335,6 +451,7 @@ def dpmpp_2s(
     return x
 
 
+@register_sampler(TWO_PER_STEP, draws_noise("eta", 1.0))
 def dpmpp_2s_ancestral(
     m: _Model, x: Tensor, sig: list[float], gen: Generator, eta: float = 1.0, s_noise: float = 1.0
 ) -> Tensor:
@@ -372,6 +489,7 @@ def _solve(R: list[list[Scalar]], b: list[Scalar]) -> list[Scalar]:
     return list(torch.linalg.solve(torch.stack([vec(r) for r in R]), vec(b)).unbind())
 
 
+@register_sampler()
 def unipc(
     m: _Model,
     x: Tensor,
@@ -439,6 +557,7 @@ def _lms_coeff(order: int, t: list[Scalar], i: int, j: int) -> Scalar:
     return total * half
 
 
+@register_sampler()
 def lms(m: _Model, x: Tensor, sig: list[float], gen: Generator, order: int = 4) -> Tensor:
     """Linear multistep in sigma (k-diffusion's LMS): Adams-Bashforth with exact integrals of
     the Lagrange polynomials through the last ``order`` derivatives on the uneven grid."""
@@ -453,6 +572,10 @@ def lms(m: _Model, x: Tensor, sig: list[float], gen: Generator, order: int = 4) 
     return x
 
 
+# a Heun first step: N + 1 evaluations
+@register_sampler(
+    Cost(lambda n, o: n + 1 if n > 1 else 1, lambda nfe, o: nfe - 1 if nfe >= 3 else 1)
+)
 def plms(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
     """PLMS / PNDM (Liu et al. 2022, eq. 12 as in LDM): 4th-order Adams-Bashforth on
     eps = (x - D) / sigma with the equal-step coefficients, a Heun first step; N + 1 NFE."""
@@ -479,6 +602,18 @@ def plms(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- SDE / PC / RK45
+def _pc_per_step(options: Options) -> int:
+    return 1 + int(options.get("n_corrector", 1))
+
+
+def _pc_steps(nfe: int, options: Options) -> int:
+    per = _pc_per_step(options)
+    if nfe < per:
+        raise ValueError(f"sampler 'pc' with n_corrector={per - 1} needs nfe >= {per}")
+    return nfe // per
+
+
+@register_sampler(Cost(lambda n, o: _pc_per_step(o) * n, _pc_steps), always)
 def pc(
     m: _Model,
     x: Tensor,
@@ -522,6 +657,8 @@ _DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
 
 
+# adaptive: the cost depends on the solution; the grid is the two end points
+@register_sampler(Cost(lambda n, o: None, lambda nfe, o: 2))
 def rk45(
     m: _Model,
     x: Tensor,
@@ -556,98 +693,19 @@ def rk45(
     return m(x, sig[-2])
 
 
-# ----------------------------------------------------------------------------- registry
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": euler,
-    "heun": heun,
-    "edm": edm,
-    "ddim": ddim,
-    "ddpm": ddpm,
-    "euler_ancestral": euler_ancestral,
-    "euler_maruyama": euler_maruyama,
-    "annealed_langevin": annealed_langevin,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "dpmpp_3m": dpmpp_3m,
-    "dpmpp_3m_sde": dpmpp_3m_sde,
-    "dpmpp_2s": dpmpp_2s,
-    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
-    "unipc": unipc,
-    "lms": lms,
-    "plms": plms,
-    "pc": pc,
-    "rk45": rk45,
-}
-_TWO_STAGE = ("heun", "edm", "dpmpp_2s", "dpmpp_2s_ancestral")
-STOCHASTIC = (
-    "ddpm",
-    "euler_ancestral",
-    "euler_maruyama",
-    "annealed_langevin",
-    "dpmpp_2m_sde",
-    "dpmpp_3m_sde",
-    "dpmpp_2s_ancestral",
-    "pc",
-)
-
-
-def _check_name(name: str) -> None:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-
-
+# ----------------------------------------------------------------------------- costs, checks
 def nfe_for_steps(name: str, n: int, **options: Any) -> int | None:
     """Exact NFE of sampler ``name`` on a grid of ``n`` positive sigmas (None: adaptive)."""
-    _check_name(name)
-    if name == "rk45":
-        return None
-    if name in _TWO_STAGE:
-        return 2 * n - 1
-    if name == "plms":
-        return n + 1 if n > 1 else 1
-    if name == "pc":
-        return (1 + int(options.get("n_corrector", 1))) * n
-    if name == "annealed_langevin":
-        steps, final = _langevin_costs(options)
-        return steps * n + final
-    return n
-
-
-def _langevin_costs(options: dict[str, Any]) -> tuple[int, int]:
-    """(T steps per level, 1 if the final denoising step is on) of annealed Langevin."""
-    steps = int(options.get("steps_per_level", 100))
-    if steps < 1:
-        raise ValueError(f"annealed_langevin steps_per_level must be >= 1, got {steps}")
-    return steps, int(bool(options.get("final_denoise", True)))
+    return sampler_info(name).cost.nfe(n, options)
 
 
 def steps_for_nfe(name: str, nfe: int, **options: Any) -> int:
     """Largest number of positive sigmas whose cost is <= ``nfe`` (RK45 is adaptive: it gets
     the two end points sigma_max, sigma_min)."""
-    _check_name(name)
+    info = sampler_info(name)
     if int(nfe) < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
-    nfe = int(nfe)
-    if name == "rk45":
-        return 2
-    if name in _TWO_STAGE:
-        return (nfe + 1) // 2
-    if name == "plms":
-        return nfe - 1 if nfe >= 3 else 1
-    if name == "pc":
-        per = 1 + int(options.get("n_corrector", 1))
-        if nfe < per:
-            raise ValueError(f"sampler 'pc' with n_corrector={per - 1} needs nfe >= {per}")
-        return nfe // per
-    if name == "annealed_langevin":
-        steps, final = _langevin_costs(options)
-        if nfe < steps + final:
-            raise ValueError(
-                f"sampler 'annealed_langevin' with steps_per_level={steps} and "
-                f"final_denoise={bool(final)} needs nfe >= {steps + final} (levels x steps (+ 1))"
-            )
-        return (nfe - final) // steps
-    return nfe
+    return info.cost.steps(int(nfe), options)
 
 
 def check_sigmas(sigmas: Tensor) -> None:
@@ -673,24 +731,30 @@ class Sampler:
     """A configured sampler: ``sampler(denoise, x, sigmas, *, generator=None, callback=None)``."""
 
     def __init__(self, name: str, **options: Any) -> None:
-        _check_name(name)
-        fn = SAMPLERS[name]
-        valid = [p for p in inspect.signature(fn).parameters if p not in ("m", "x", "sig", "gen")]
+        info = sampler_info(name)
+        valid = info.option_names
         bad = sorted(set(options) - set(valid))
         if bad:
             raise ValueError(
                 f"sampler {name!r} got unknown options {bad}; valid: {', '.join(valid) or 'none'}"
             )
-        self.name, self.options, self.fn, self.nfe = name, dict(options), fn, 0
+        self.info, self.name, self.options, self.fn, self.nfe = (
+            info,
+            name,
+            dict(options),
+            info.fn,
+            0,
+        )
 
     @property
     def stochastic(self) -> bool:
         """Whether the sampler draws noise with its current options."""
-        if self.name == "edm":
-            return self.options.get("S_churn", 0.0) > 0
-        if self.name in ("ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2s"):
-            return self.options.get("eta", 0.0) > 0
-        return self.name in STOCHASTIC and self.options.get("eta", 1.0) > 0
+        return self.info.stochastic(self.options)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether it picks its own steps (RK45): its cost is not fixed by the grid."""
+        return self.info.cost.nfe(1, self.options) is None
 
     def __call__(
         self,
