@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
-from diffusionlab.diffusion.grid_fit import GridFit, fit_discretization
+from diffusionlab.diffusion.grid_fit import GridFit, GridFitSettings, fit_discretization
 from diffusionlab.diffusion.samplers import get_sampler
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.checkpoint import load_module, pick_device
@@ -58,31 +58,34 @@ def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
     schedule = module.schedule
     lo, hi = float(schedule.sigma_min), float(schedule.sigma_max)
     f = cfg.fit
+    settings = GridFitSettings(
+        teacher=teacher.name,
+        teacher_nfe=int(f.teacher_nfe),
+        num_samples=int(f.num_samples),
+        num_validation=int(f.num_validation),
+        num_heldout=int(f.num_heldout),
+        init=str(f.init),
+        sigma_min=lo,
+        sigma_max=hi,
+        bounds=(lo, hi) if f.learn_ends else None,
+        radius=float(f.radius),
+        steps=int(f.steps),
+        lr=float(f.lr),
+        batch_size=int(f.batch_size),
+        eval_batch_size=int(f.eval_batch_size),
+        eval_every=int(f.eval_every),
+        seed=int(f.seed),
+        dtype=dtype,
+    )
     try:
         fit = fit_discretization(
             denoise,
             tuple(module.data_shape),
             smp,
             nfe,
-            teacher_nfe=int(f.teacher_nfe),
-            num_samples=int(f.num_samples),
-            num_validation=int(f.num_validation),
-            num_heldout=int(f.num_heldout),
-            teacher=teacher,
-            init=str(f.init),
-            sigma_min=lo,
-            sigma_max=hi,
-            bounds=(lo, hi) if f.learn_ends else None,
+            settings,
             schedule=schedule,
-            radius=float(f.radius),
-            steps=int(f.steps),
-            lr=float(f.lr),
-            batch_size=int(f.batch_size),
-            eval_batch_size=int(f.eval_batch_size),
-            eval_every=int(f.eval_every),
-            seed=int(f.seed),
             device=module.device,
-            dtype=dtype,
             log=log.info,
         )
     except ValueError as e:

@@ -17,7 +17,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -90,99 +90,135 @@ def _distance(a: Tensor, b: Tensor) -> float:
     return float((a - b).flatten(1).norm(dim=1).mean())
 
 
+@dataclass(frozen=True)
+class GridFitSettings:
+    """How a grid is fitted; every field is stored with the grid (:meth:`record`).
+
+    The teacher is ``teacher`` at ``teacher_nfe`` on the Karras grid. Noise draws: ``num_samples``
+    to fit on, ``num_validation`` (default a quarter) to pick the iterate, ``num_heldout`` (default
+    ``num_samples``) to report. ``init`` is a discretization name (``karras``, ``logsnr``,
+    ``time_uniform`` with a schedule) or a grid ending at 0 with the sampler's number of steps,
+    between ``sigma_min`` and ``sigma_max``; with ``bounds`` (lo, hi) both ends are learned within
+    them. Adam with ``lr`` for ``steps`` steps over minibatches of ``batch_size`` (default all),
+    LD3's soft teacher forcing with ``radius`` > 0; solves without gradients run
+    ``eval_batch_size`` draws at a time, validation every ``eval_every`` steps."""
+
+    teacher: str = "heun"
+    teacher_nfe: int = 100
+    num_samples: int = 256
+    num_validation: int | None = None
+    num_heldout: int | None = None
+    init: str | Tensor = "karras"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    bounds: tuple[float, float] | None = None
+    radius: float = 0.0
+    steps: int = 200
+    lr: float = 0.05
+    batch_size: int | None = None
+    eval_batch_size: int = 64
+    eval_every: int = 10
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+
+    def resolved(self, start: Tensor) -> GridFitSettings:
+        """The settings as run: the draw counts and batch size filled in, the ends of the grid
+        actually started from, a given ``init`` grid recorded as ``given``."""
+        return replace(
+            self,
+            num_validation=int(self.num_validation or max(self.num_samples // 4, 1)),
+            num_heldout=int(self.num_heldout or self.num_samples),
+            batch_size=int(self.batch_size or self.num_samples),
+            init=self.init if isinstance(self.init, str) else "given",
+            sigma_min=float(start[-2]),
+            sigma_max=float(start[0]),
+        )
+
+    def record(self) -> dict[str, Any]:
+        """Every field as a JSON value (``bounds`` a list, ``dtype`` its name)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["bounds"] = list(self.bounds) if self.bounds is not None else None
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        return out
+
+
 def fit_discretization(
     denoise: Denoise,
     shape: Sequence[int],
     sampler: str | Sampler,
     nfe: int,
+    settings: GridFitSettings | None = None,
     *,
-    teacher_nfe: int = 100,
-    num_samples: int = 256,
-    num_validation: int | None = None,
-    num_heldout: int | None = None,
-    teacher: str | Sampler = "heun",
-    init: str | Tensor = "karras",
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    bounds: tuple[float, float] | None = None,
     schedule: Any = None,
-    radius: float = 0.0,
-    steps: int = 200,
-    lr: float = 0.05,
-    batch_size: int | None = None,
-    eval_batch_size: int = 64,
-    eval_every: int = 10,
-    seed: int = 0,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] | None = None,
+    **changes: Any,
 ) -> GridFit:
     """Fit the sigma grid of ``sampler`` (name or :class:`Sampler`, deterministic) at ``nfe``
-    network evaluations to a ``teacher`` solver at ``teacher_nfe`` on the Karras grid.
+    network evaluations to a teacher solver, as ``settings`` say (with ``changes`` to its
+    fields, e.g. ``steps=0``); ``schedule`` serves ``init="time_uniform"``.
 
     Noise x_T = sigma_max * z with z drawn from seeds ``seed`` (fit), ``seed + 1`` (validation,
-    picks the iterate) and ``seed + 2`` (held-out, reported). ``init`` is a discretization name
-    (``karras``, ``logsnr``, ``time_uniform`` with ``schedule``) or a grid ending at 0 with the
-    sampler's number of steps. Adam with ``lr`` on the logits (and on the soft-teacher-forcing
-    offsets when ``radius`` > 0) for ``steps`` steps over minibatches of ``batch_size``; solves
-    without gradients (teacher, validation, held-out) run ``eval_batch_size`` draws at a time."""
+    picks the iterate) and ``seed + 2`` (held-out, reported). The result's ``settings`` record is
+    the sampler, its options, the NFE and :meth:`GridFitSettings.record` of the settings as run."""
+    c = replace(settings or GridFitSettings(), **changes)
     smp = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    tch = get_sampler(teacher) if isinstance(teacher, str) else teacher
+    tch = get_sampler(c.teacher)
     for s, key in ((smp, "sampler"), (tch, "teacher")):
         if s.stochastic or s.adaptive:
             raise ValueError(f"{key} {s.name!r} must be a deterministic fixed-grid sampler")
     n = steps_for_nfe(smp.name, nfe, **smp.options)
     device = torch.device(device)
-    if isinstance(init, str):
+    if isinstance(c.init, str):
         start = discretizations.get_sigmas(
-            init, n, schedule, sigma_min=sigma_min, sigma_max=sigma_max
+            c.init, n, schedule, sigma_min=c.sigma_min, sigma_max=c.sigma_max
         )
     else:
-        start = torch.as_tensor(init, dtype=torch.float64).cpu()
+        start = torch.as_tensor(c.init, dtype=torch.float64).cpu()
         check_sigmas(start)
         if len(start) != n + 1:
             raise ValueError(f"init has {len(start) - 1} steps; {smp.name} at nfe={nfe} takes {n}")
+    run = c.resolved(start)
+    bounds, dtype = c.bounds, c.dtype
     grid = MonotoneGrid(start, bounds).to(device)
-    num_validation = num_validation or max(num_samples // 4, 1)
-    num_heldout = num_heldout or num_samples
-    batch_size = int(batch_size or num_samples)
     s_max = float(start[0]) if bounds is None else float(bounds[1])
     t_grid = discretizations.karras(
-        steps_for_nfe(tch.name, teacher_nfe, **tch.options),
+        steps_for_nfe(tch.name, c.teacher_nfe, **tch.options),
         float(start[-2]) if bounds is None else float(bounds[0]),
         s_max,
     ).to(device=device, dtype=dtype)
 
     def draws(count: int, offset: int) -> tuple[Tensor, Tensor]:
-        g = torch.Generator().manual_seed(seed + offset)
+        g = torch.Generator().manual_seed(c.seed + offset)
         z = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
         with torch.no_grad():
-            target = _solve(tch, denoise, z * t_grid[0], t_grid, eval_batch_size)
+            target = _solve(tch, denoise, z * t_grid[0], t_grid, c.eval_batch_size)
         return z, target
 
     t0 = time.time()
-    z_fit, y_fit = draws(num_samples, 0)
-    z_val, y_val = draws(num_validation, 1)
-    z_out, y_out = draws(num_heldout, 2)
+    z_fit, y_fit = draws(c.num_samples, 0)
+    z_val, y_val = draws(run.num_validation, 1)
+    z_out, y_out = draws(run.num_heldout, 2)
 
     def error(sigmas: Tensor, z: Tensor, y: Tensor) -> float:
         with torch.no_grad():
             sig = sigmas.detach().to(device=device, dtype=dtype)
-            return _distance(_solve(smp, denoise, z * sig[0], sig, eval_batch_size), y)
+            return _distance(_solve(smp, denoise, z * sig[0], sig, c.eval_batch_size), y)
 
+    radius = c.radius
     offsets = torch.zeros_like(z_fit, requires_grad=radius > 0)
     ball = radius * s_max * math.sqrt(math.prod(shape))
     params = [grid.logits] + ([offsets] if radius > 0 else [])
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=c.lr)
     best = start.clone()  # the starting grid itself is a candidate
     best_err = error(best, z_val, y_val)
     history = [best_err]
-    order = torch.Generator().manual_seed(seed + 3)
+    order = torch.Generator().manual_seed(c.seed + 3)
     with warnings.catch_warnings():  # denoisers check sigma > 0 through float(): torch warns
         warnings.filterwarnings("ignore", "Converting a tensor with requires_grad=True")
         step = 0
-        while step < steps:
-            for idx in torch.randperm(num_samples, generator=order).split(batch_size):
+        while step < c.steps:
+            for idx in torch.randperm(c.num_samples, generator=order).split(run.batch_size):
                 sigmas = grid()
                 x_T = (z_fit[idx] * sigmas[0] + offsets[idx]).to(dtype)
                 out = smp(denoise, x_T, sigmas.to(dtype))
@@ -195,7 +231,7 @@ def fit_discretization(
                         norms = offsets.flatten(1).norm(dim=1).clamp_min(1e-30)
                         offsets.mul_((ball / norms).clamp(max=1.0).view(-1, *[1] * len(shape)))
                 step += 1
-                if step % eval_every == 0 or step == steps:
+                if step % c.eval_every == 0 or step == c.steps:
                     current = grid().detach().cpu()
                     err = error(current, z_val, y_val)
                     history.append(err)
@@ -203,31 +239,15 @@ def fit_discretization(
                         log(f"step {step}: validation distance {err:.5g} (best {best_err:.5g})")
                     if err < best_err and bool((current[:-1].diff() < 0).all()):
                         best, best_err = current, err
-                if step == steps:
+                if step == c.steps:
                     break
-    settings = {
-        "sampler": smp.name,
-        "options": dict(smp.options),
-        "nfe": int(nfe),
-        "teacher": tch.name,
-        "teacher_nfe": int(teacher_nfe),
-        "num_samples": int(num_samples),
-        "init": init if isinstance(init, str) else "given",
-        "sigma_min": float(start[-2]),
-        "sigma_max": float(start[0]),
-        "bounds": list(bounds) if bounds is not None else None,
-        "radius": float(radius),
-        "steps": int(steps),
-        "lr": float(lr),
-        "seed": int(seed),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    record = {"sampler": smp.name, "options": dict(smp.options), "nfe": int(nfe), **run.record()}
     return GridFit(
         sigmas=best,
         initial=start,
         heldout_before=error(start, z_out, y_out),
         heldout_after=error(best, z_out, y_out),
-        settings=settings,
+        settings=record,
         seconds=time.time() - t0,
         history=history,
     )
