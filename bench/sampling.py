@@ -21,6 +21,7 @@ from trainstep import build_module
 
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.samplers import sigmas_for_nfe
+from diffusionlab.sampling.generator import generate
 
 
 @torch.no_grad()
@@ -65,7 +66,7 @@ def main() -> None:
         module.schedule, "heun", args.nfe, "karras", dtype=noise.dtype, device=module.device
     )
     nfe_bare = 2 * (len(sigmas) - 1) - 1
-    ours = module.generate(seeds, sampler=cfg)
+    ours = generate(module, seeds, sampler=cfg)
     bare = bare_heun(module.ema, noise, sigmas)
     diff = float((ours - bare).abs().max())
     print(f"NFE {args.nfe} (bare loop: {nfe_bare}); max |generate - bare| = {diff:.2e}")
@@ -73,7 +74,7 @@ def main() -> None:
     for _ in range(args.rounds):
         t = timed(lambda: bare_heun(module.ema, noise, sigmas), args.device)
         ips["bare"].append(args.batch / t)
-        t = timed(lambda: module.generate(seeds, sampler=cfg), args.device)
+        t = timed(lambda: generate(module, seeds, sampler=cfg), args.device)
         ips["generate"].append(args.batch / t)
     med = {k: statistics.median(v) for k, v in ips.items()}
     rows = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,26 +45,3 @@ def sampler_numbers(cfg: DictConfig, prefix: str = "sampler") -> None:
     """``sampler.nfe >= 1`` (network evaluations per image)."""
     if OmegaConf.select(cfg, f"{prefix}.nfe", default=None) is not None:
         number(cfg, f"{prefix}.nfe", int, at_least=1)
-
-
-def check_sampler(sampler: dict[str, Any], schedule: Any, key: str = "sampler") -> None:
-    """The sampler's name, options, NFE and discretization give a valid sigma grid for
-    ``schedule``, checked before any network runs."""
-    from diffusionlab.diffusion.samplers import check_sigmas, get_sampler, sigmas_for_nfe
-
-    name = sampler.get("name", "heun")
-    options = dict(sampler.get("options") or {})
-    try:
-        get_sampler(name, **options)
-        check_sigmas(
-            sigmas_for_nfe(
-                schedule,
-                name,
-                int(sampler.get("nfe", 35)),
-                sampler.get("discretization", "karras"),
-                options=options,
-                **({"sigmas": sampler["sigmas"]} if sampler.get("sigmas") is not None else {}),
-            )
-        )
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"{key}={name}: {e}") from None

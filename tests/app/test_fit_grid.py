@@ -19,10 +19,12 @@ from diffusionlab.cli.fit_grid import fit_grid
 from diffusionlab.cli.sample import sample
 from diffusionlab.cli.train import train
 from diffusionlab.config import CONF_DIR
+from diffusionlab.diffusion.learned_grids import load_grid, resolve_sampler
 from diffusionlab.diffusion.samplers import check_sigmas
-from diffusionlab.evaluation.checkpoint import load_module
-from diffusionlab.evaluation.images import to_uint8_rgb
-from diffusionlab.evaluation.learned_grids import file_sha256, load_grid, resolve_sampler
+from diffusionlab.files import file_sha256
+from diffusionlab.sampling.checkpoint import load_module
+from diffusionlab.sampling.generator import generate
+from diffusionlab.sampling.images import to_uint8_rgb
 
 from .helpers import compose_train, fast_overrides
 
@@ -87,7 +89,8 @@ def test_sample_py_draws_with_the_stored_grid(fitted, tmp_path):
     got = np.load(out / "samples.npz")["samples"]
     module = load_module(str(ckpt), torch.device("cpu"))
     sigmas = load_grid(path)["sigmas"]
-    want = module.generate(
+    want = generate(
+        module,
         range(3),
         sampler={"name": "dpmpp_2m", "nfe": 4, "discretization": "learned", "sigmas": sigmas},
     )

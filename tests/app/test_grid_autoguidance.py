@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from diffusionlab.cli.train import train
-from diffusionlab.evaluation.checkpoint import load_module
-from diffusionlab.training.images import save_samples_png
+from diffusionlab.sampling.checkpoint import load_module
+from diffusionlab.sampling.generator import generate
+from diffusionlab.sampling.images import save_samples_png
 
 from .helpers import compose_train, fast_overrides, run_app
 from .test_user_errors import _train_error
@@ -57,8 +58,8 @@ def test_guided_grids_and_guide_checkpoint(tmp_path):
     for a, b in zip(guide.ema.parameters(), step3.ema.parameters(), strict=True):
         assert torch.equal(a, b)
     # the autoguided grid is last.ckpt guided by guide.ckpt (what evaluate.py guide_ckpt= does)
-    guided = last.generate(range(4), guide=guide.ema, guidance=3.0)  # the run's sampler
-    plain = last.generate(range(4))
+    guided = generate(last, range(4), guide=guide.ema, guidance=3.0)  # the run's sampler
+    plain = generate(last, range(4))
     assert (guided - plain).abs().max() > 1e-3
     save_samples_png(guided, tmp_path / "guided.png")
     assert np.array_equal(

@@ -26,7 +26,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.latents import invert_ode
 from diffusionlab.diffusion.samplers import get_sampler, sigmas_for_nfe
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.checkpoint import load_module
+from diffusionlab.sampling.checkpoint import load_module
 
 from .helpers import ROOT, fast_overrides, run_app
 

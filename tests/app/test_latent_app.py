@@ -16,8 +16,9 @@ from diffusionlab.cli.train import train
 from diffusionlab.cli.train_autoencoder import run as train_autoencoder
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.checkpoint import load_module
-from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.sampling.checkpoint import load_module
+from diffusionlab.sampling.generator import generate
+from diffusionlab.sampling.images import to_uint8_rgb
 from diffusionlab.training.checkpoint_io import model_differences
 
 from .helpers import compose_train, fast_overrides, run_app
@@ -89,7 +90,7 @@ def test_latent_model_trains_samples_and_evaluates(tmp_path):
     )
     png = np.asarray(Image.open(out / "000002.png"))
     assert png.shape == (8, 8)
-    x = module.generate([0, 1, 2], sampler={"name": "heun", "nfe": 3})
+    x = generate(module, [0, 1, 2], sampler={"name": "heun", "nfe": 3})
     assert x.shape == (3, 1, 8, 8) and float(x.abs().max()) <= 1.0
     np.testing.assert_array_equal(png, to_uint8_rgb(x)[2, 0].numpy())
 

@@ -18,7 +18,7 @@ import torch
 
 from diffusionlab.cli.train import train
 from diffusionlab.errors import ConfigError
-from diffusionlab.training.callbacks import SampleGrid
+from diffusionlab.sampling.callbacks import SampleGrid
 
 from .helpers import compose_train, fast_overrides, run_app, run_two_nodes
 

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from diffusionlab.cli.train import build, train
 from diffusionlab.config import CONF_DIR
+from diffusionlab.sampling.generator import generate
 from diffusionlab.training.module import DiffusionModule
 
 from .helpers import compose_train, fast_overrides, run_app
@@ -69,7 +70,7 @@ def test_every_sampler_composes_with_every_schedule(tmp_path, schedule):
             sampler_cfg["nfe"] = 5
         else:
             sampler_cfg["nfe"] = 4
-        x = module.generate(range(2), sampler=sampler_cfg)
+        x = generate(module, range(2), sampler=sampler_cfg)
         assert x.shape == (2, 1, 8, 8), sampler
         assert torch.isfinite(x).all(), f"{sampler} x {schedule} gave non-finite samples"
 
@@ -87,7 +88,7 @@ def test_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path):
 
     module = DiffusionModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt")
     assert module.data_shape == (1, 8, 8)
-    x = module.generate(range(3), sampler={"name": "euler", "nfe": 3})
+    x = generate(module, range(3), sampler={"name": "euler", "nfe": 3})
     assert x.shape == (3, 1, 8, 8)
 
     resumed = compose_train(
@@ -106,11 +107,11 @@ def test_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path):
 def test_samples_do_not_depend_on_batch_size(tmp_path):
     module, _ = build(compose_train(fast_overrides(tmp_path), tmp_path))
     sampler = {"name": "euler", "nfe": 4}
-    all_at_once = module.generate(range(6), sampler=sampler)
+    all_at_once = generate(module, range(6), sampler=sampler)
     split = torch.cat(
         [
-            module.generate(range(0, 2), sampler=sampler),
-            module.generate(range(2, 6), sampler=sampler),
+            generate(module, range(0, 2), sampler=sampler),
+            generate(module, range(2, 6), sampler=sampler),
         ]
     )
     torch.testing.assert_close(all_at_once, split)
@@ -122,8 +123,8 @@ def test_class_conditional_training(tmp_path):
     cfg = compose_train(overrides, tmp_path)
     module, _ = build(cfg)
     labels = module.one_hot(torch.arange(4) % 10)
-    assert module.generate(
-        range(4), class_labels=labels, sampler={"name": "euler", "nfe": 2}
+    assert generate(
+        module, range(4), class_labels=labels, sampler={"name": "euler", "nfe": 2}
     ).shape == (4, 1, 8, 8)
 
 

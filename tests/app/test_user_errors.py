@@ -171,7 +171,7 @@ def test_evaluate_image_folder_corrupt_or_wrong_size(tmp_path):
     _png(tmp_path / "f" / "a.png", (16, 16, 3))
     _png(tmp_path / "f" / "b.png", (8, 8, 3))
     cfg = _compose("evaluate", [f"images={tmp_path / 'f'}", "dataset=mnist16"], tmp_path)
-    from diffusionlab.cli.evaluate import load_images
+    from diffusionlab.evaluation.images import load_images
 
     assert "'b.png' is 8x8; every image must be 16x16" in _message(load_images, cfg.images, 16)
     (tmp_path / "f" / "b.png").write_bytes(b"junk")

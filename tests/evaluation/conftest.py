@@ -13,9 +13,11 @@ import torch.hub
 from diffusionlab.diffusion.analytic import Gaussian
 from diffusionlab.diffusion.schedules import get_schedule
 from diffusionlab.evaluation.extractors import create_extractor, default_layers, domain_name
-from diffusionlab.evaluation.generator import DiffusionGenerator
 from diffusionlab.evaluation.reference import load_dataset, reference_features
 from diffusionlab.evaluation.train_extractor import train_and_save
+from diffusionlab.sampling.conditioning import ClassLabels
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.spec import SamplerSpec
 
 RESOLUTION = 16
 
@@ -109,7 +111,6 @@ def generator(class_gaussians) -> DiffusionGenerator:
         class_gaussians,
         get_schedule("edm"),
         (1, RESOLUTION, RESOLUTION),
-        num_classes=10,
-        sampler="heun",
-        nfe=9,
+        condition=ClassLabels(10),
+        spec=SamplerSpec(name="heun", nfe=9),
     )

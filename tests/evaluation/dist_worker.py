@@ -11,9 +11,11 @@ import torch.distributed as dist
 from diffusionlab.diffusion.schedules import get_schedule
 from diffusionlab.evaluation.extractors import create_extractor, default_layers, domain_name
 from diffusionlab.evaluation.features import generated_features
-from diffusionlab.evaluation.generator import DiffusionGenerator
 from diffusionlab.evaluation.metrics import compute_metrics
 from diffusionlab.evaluation.reference import load_dataset
+from diffusionlab.sampling.conditioning import ClassLabels
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.spec import SamplerSpec
 
 NUM_SAMPLES = 50
 
@@ -28,9 +30,8 @@ def build(weights: str) -> tuple[DiffusionGenerator, object]:
         model,
         get_schedule("edm"),
         (1, RESOLUTION, RESOLUTION),
-        10,
-        sampler="euler_ancestral",
-        nfe=8,
+        ClassLabels(10),
+        spec=SamplerSpec(name="euler_ancestral", nfe=8),
     )
     return gen, create_extractor(domain_name("mnist", RESOLUTION), weights)
 

@@ -14,7 +14,7 @@ from diffusionlab.cli.evaluate import evaluate
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.sampling.images import to_uint8_rgb
 
 
 def _compose(name: str, overrides: list[str]):

@@ -15,8 +15,9 @@ from diffusionlab.cli.train import train
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.schedules import get_schedule
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation import generator as generator_module
-from diffusionlab.evaluation.generator import DiffusionGenerator
+from diffusionlab.sampling.conditioning import ClassLabels
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.spec import SamplerSpec
 
 from .conftest import RESOLUTION, ClassGaussians
 
@@ -26,9 +27,8 @@ def _generator(denoise, guide=None, guidance=1.0) -> DiffusionGenerator:
         denoise,
         get_schedule("edm"),
         (1, RESOLUTION, RESOLUTION),
-        num_classes=10,
-        sampler="heun",
-        nfe=5,
+        condition=ClassLabels(10),
+        spec=SamplerSpec(name="heun", nfe=5),
         guidance=guidance,
         guide=guide,
     )
@@ -38,11 +38,11 @@ def _guided_denoise(gen: DiffusionGenerator, labels: torch.Tensor, monkeypatch):
     """The denoise function ``gen`` hands its sampler for ``labels``."""
     seen = {}
 
-    def spy(denoise, schedule, noise, **kwargs):
+    def spy(spec, denoise, schedule, noise, **kwargs):
         seen["denoise"] = denoise
         return noise
 
-    monkeypatch.setattr(generator_module, "sample", spy)
+    monkeypatch.setattr(SamplerSpec, "sample", spy)
     gen.sample_images(torch.zeros(len(labels), 1, RESOLUTION, RESOLUTION), labels)
     return seen["denoise"]
 

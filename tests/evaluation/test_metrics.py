@@ -8,10 +8,12 @@ import torch
 from scipy import linalg
 
 from diffusionlab.data.datasets import split_indices
-from diffusionlab.evaluation.checkpoint import load_module, module_generator
 from diffusionlab.evaluation.features import dataset_images, generated_features, image_features
 from diffusionlab.evaluation.metrics import compute_metrics, frechet_distance, statistics
 from diffusionlab.evaluation.reference import reference_path
+from diffusionlab.sampling.checkpoint import load_module
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.spec import SamplerSpec
 
 
 def closed_form_fd(mu1, s1, mu2, s2) -> float:
@@ -144,7 +146,7 @@ def test_trained_default_model_lies_between_heldout_and_noise(
     )
     assert train.returncode == 0, train.stderr[-2000:]
     module = load_module(str(next(tmp_path.rglob("last.ckpt"))), torch.device("cpu"))
-    generator = module_generator(module, {"name": "heun", "nfe": 17})
+    generator = DiffusionGenerator.from_module(module, SamplerSpec(name="heun", nfe=17))
     model = compute_metrics(
         generated_features(generator, extractor, range(500), 100), reference, layers
     )

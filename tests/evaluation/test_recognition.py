@@ -17,13 +17,13 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import DomainClassifier, create_extractor
-from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.recognition import (
     THRESHOLD,
     generate_labelled,
     recognition_metrics,
     recognition_rate,
 )
+from diffusionlab.sampling.images import to_uint8_rgb
 
 RES = 16
 

@@ -12,6 +12,7 @@ import torch
 from app.helpers import compose_train
 from diffusionlab.cli.train import build, make_trainer
 from diffusionlab.data import DiffusionDataModule, TensorImageDataset
+from diffusionlab.sampling.generator import generate
 
 
 def l_patterns() -> torch.Tensor:
@@ -72,8 +73,8 @@ def train_and_sample(
     dataset = TensorImageDataset(data.repeat(repeats, 1, 1, 1), None, 0)
     datamodule = DiffusionDataModule(dataset, batch_size=32, seed=int(cfg.seed))
     make_trainer(cfg, datamodule).fit(module, datamodule=datamodule)
-    samples = module.cpu().generate(
-        list(range(128)), sampler={"name": "heun", "nfe": 17}, use_ema=False
+    samples = generate(
+        module.cpu(), list(range(128)), sampler={"name": "heun", "nfe": 17}, use_ema=False
     )
     return unflipped_fraction(samples, l_patterns())
 

@@ -14,7 +14,6 @@ from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.image_apps import input_images, load_model, save_grid, write_results
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.editing import sdedit
-from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.errors import ConfigError
 
 
@@ -42,9 +41,8 @@ def edit(cfg: DictConfig) -> Path:
     seeds = [seed + i for i in range(x.shape[0])]
     columns, rms = [x], {}
     for s in sigmas_edit:
-        out = sdedit(
-            model.denoise, x, s, model.sigmas, model.sampler, StackedRandomGenerator(seeds)
-        )
+        noise = model.generator.noise_generator(seeds, "cpu")
+        out = sdedit(model.denoise, x, s, model.sigmas, model.sampler, noise)
         columns.append(out.clamp(-1, 1))
         rms[f"{s:g}"] = float((out - x).pow(2).mean().sqrt())
     outdir = Path(cfg.outdir)

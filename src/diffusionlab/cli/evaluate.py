@@ -17,79 +17,30 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.reconstruct_ema import sigma_rels
 from diffusionlab.config import CONF_DIR
-from diffusionlab.data.datasets import IMAGE_SUFFIXES, SPLITS, split_indices
+from diffusionlab.data.datasets import SPLITS, split_indices
 from diffusionlab.diffusion.iddpm import vlb_bits_per_dim
 from diffusionlab.diffusion.likelihood import image_bits_per_dim
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.checkpoint import (
-    load_guide,
-    load_module,
-    module_generator,
-    pick_device,
-    run_config,
-)
 from diffusionlab.evaluation.evaluator import Evaluator, dataset_key, domain_extractor
-from diffusionlab.evaluation.images import to_uint8_rgb
-from diffusionlab.evaluation.learned_grids import resolve_sampler
+from diffusionlab.evaluation.images import load_images
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.recognition import generate_labelled, recognition_metrics
 from diffusionlab.evaluation.tables import markdown_lines, write_csv
 from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
+from diffusionlab.sampling.checkpoint import dataset_config, load_guide, load_module, pick_device
+from diffusionlab.sampling.generator import DiffusionGenerator, denoiser_of
+from diffusionlab.sampling.images import to_uint8_rgb
+from diffusionlab.sampling.spec import SamplerSpec
 from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstructions
 from diffusionlab.training.loggers import finish_wandb_run
 
 log = logging.getLogger(__name__)
-
-
-def dataset_config(cfg: DictConfig) -> DictConfig:
-    """The dataset to compare against: ``dataset=...`` or the checkpoint's training run's (for a
-    latent run, ``dataset.source``)."""
-    if cfg.get("dataset") is not None:
-        return cfg.dataset
-    ckpts = checkpoints(cfg)
-    run = run_config(ckpts[0]) if ckpts else None
-    if run is None or "dataset" not in run:
-        raise ConfigError("no reference dataset: pass dataset=<name> (e.g. dataset=mnist16)")
-    merged = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths), "dataset": run.dataset})
-    # a latent model's samples are decoded to images: compare them with its source images
-    return merged.dataset.source if "source" in merged.dataset else merged.dataset
-
-
-def load_images(folder: str, resolution: int) -> torch.Tensor:
-    """Every image in ``folder`` as uint8 RGB [N, 3, H, W] (sorted by name)."""
-    from PIL import Image, UnidentifiedImageError
-
-    root = Path(folder).expanduser()
-    files = (
-        sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if root.is_dir()
-        else []
-    )
-    if not files:
-        raise ConfigError(
-            f"images={folder!r} is not a folder of images ({', '.join(IMAGE_SUFFIXES)})"
-        )
-    arrays = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ConfigError(
-                f"images={folder!r}: {p.name!r} is not a readable image ({e})"
-            ) from None
-        if arrays[-1].shape[:2] != (resolution, resolution):
-            raise ConfigError(
-                f"images={folder!r}: {p.name!r} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]}; "
-                f"every image must be {resolution}x{resolution}"
-            )
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def checkpoints(cfg: DictConfig) -> list[str]:
@@ -164,18 +115,18 @@ def evaluate(cfg: DictConfig) -> dict:
     number(cfg, "guidance")
     sampler_numbers(cfg)
     device = pick_device(cfg.device)
-    dcfg = dataset_config(cfg)
+    ckpt = ckpts[0] if ckpts else None
+    dcfg = dataset_config(cfg.get("dataset"), ckpt, cfg.paths)
     # a single checkpoint is read and checked before anything is logged
     module = load_module(ckpts[0], device) if len(scored) == 1 else None
     guide = load_guide(cfg.guide_ckpt, module) if module is not None else None
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    sampler = SamplerSpec.from_config(cfg.sampler, ckpt=ckpts[0]) if module is not None else None
     if module is not None:
-        sampler = resolve_sampler(sampler, ckpts[0])
         if cfg.bpd.num_images and module.decoder is not None:
             raise ConfigError(
                 "bpd.num_images: bits/dim needs a pixel-space model, not a latent one"
             )
-        check_sampler(sampler, module.schedule)
+        sampler.check(module.schedule)
         if cfg.bpd.num_images and cfg.bpd.get("method", "ode") == "vlb":
             param = module.denoiser.parameterization
             if not (param.learned_variance and module.schedule.discrete):
@@ -184,7 +135,7 @@ def evaluate(cfg: DictConfig) -> dict:
                     f"parameterization.learned_variance=true (ckpt has {param}, {module.schedule})"
                 )
         for swept in sweep_samplers(cfg, ckpts[0]):
-            check_sampler(swept, module.schedule, "sweep.samplers")
+            swept.check(module.schedule, "sweep.samplers")
     with finish_wandb_run():
         run = start_wandb_run(cfg, ckpts)
         result = _evaluate(cfg, dcfg, scored, module, sampler, device, run, guide)
@@ -197,7 +148,7 @@ def _evaluate(
     dcfg: DictConfig,
     ckpts: list[str],
     module,
-    sampler: dict,
+    sampler: SamplerSpec | None,
     device,
     run,
     guide=None,
@@ -233,8 +184,10 @@ def _evaluate(
         log_curve(run, "eval/ema_sweep", "eval/fid_vs_ema", rows, x, None)
     else:
         ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
-        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema), guide)
-        result.update(ckpt=ckpts[0], sampler=sampler, num_samples=int(e.num_samples))
+        gen = DiffusionGenerator.from_module(
+            module, sampler, float(cfg.guidance), bool(cfg.use_ema), guide
+        )
+        result.update(ckpt=ckpts[0], sampler=sampler.to_dict(), num_samples=int(e.num_samples))
         if cfg.guide_ckpt:
             result["guide_ckpt"] = str(cfg.guide_ckpt)
         result["metrics"] = (
@@ -275,12 +228,14 @@ def recognition(
     )
 
 
-def sweep_samplers(cfg: DictConfig, ckpt: str) -> list[dict]:
+def sweep_samplers(cfg: DictConfig, ckpt: str) -> list[SamplerSpec]:
     """The swept sampler configs: every sampler x grid (``sweep.grids``, default the sampler's
     discretization; ``learned`` reads the grids fitted beside ``ckpt``) x NFE."""
     grids = list(cfg.sweep.get("grids") or [cfg.sampler.discretization])
     return [
-        resolve_sampler({"name": name, "nfe": int(nfe), "discretization": grid}, ckpt, "sweep")
+        SamplerSpec.from_config(
+            {"name": name, "nfe": int(nfe), "discretization": grid}, ckpt=ckpt, key="sweep"
+        )
         for name in cfg.sweep.samplers
         for grid in grids
         for nfe in cfg.sweep.nfe
@@ -295,11 +250,13 @@ def nfe_sweep(
     rows = []
     several = len(cfg.sweep.get("grids") or []) > 1
     for sampler in sweep_samplers(cfg, str(cfg.ckpt)):
-        gen = module_generator(module, sampler, float(cfg.guidance), bool(cfg.use_ema), guide)
+        gen = DiffusionGenerator.from_module(
+            module, sampler, float(cfg.guidance), bool(cfg.use_ema), guide
+        )
         metrics = evaluator.score_generator(gen, ranges, int(cfg.eval.batch_size), cfg.class_label)
-        name = sampler["name"] + (f"/{sampler['discretization']}" if several else "")
-        rows.append({"sampler": name, "nfe": sampler["nfe"], **metrics})
-        log.info("sweep %s nfe=%d: %s", name, sampler["nfe"], metrics)
+        name = sampler.name + (f"/{sampler.discretization}" if several else "")
+        rows.append({"sampler": name, "nfe": sampler.nfe, **metrics})
+        log.info("sweep %s nfe=%d: %s", name, sampler.nfe, metrics)
     _write_table(rows, outdir / "nfe_sweep")
     _plot_sweep(rows, "nfe", "sampler", outdir / "fid_vs_nfe.png")
     return rows
@@ -312,7 +269,6 @@ def ema_sweep(
     name; writes ema_sweep.csv, ema_sweep.md and fid_vs_ema.png. All checkpoints must use the
     same kind of EMA."""
     e = cfg.eval
-    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     ranges = seed_ranges(int(e.num_samples), int(e.repeats), int(e.first_seed))
     rows = []
     for ckpt in ckpts:
@@ -320,9 +276,8 @@ def ema_sweep(
         key, length = ema_length(module)
         if rows and key not in rows[0]:
             raise ConfigError(f"ckpt={ckpt!r} has {key}; the other checkpoints do not")
-        gen = module_generator(
-            module, resolve_sampler(sampler, ckpt), float(cfg.guidance), bool(cfg.use_ema)
-        )
+        spec = SamplerSpec.from_config(cfg.sampler, ckpt=ckpt)
+        gen = DiffusionGenerator.from_module(module, spec, float(cfg.guidance), bool(cfg.use_ema))
         metrics = evaluator.score_generator(gen, ranges, int(e.batch_size), cfg.class_label)
         rows.append({"ckpt": ckpt, key: length, **metrics})
         log.info("%s %s=%g: %s", ckpt, key, length, metrics)
@@ -367,7 +322,7 @@ def _plot_sweep(rows: list[dict], x: str, series: str | None, path: Path) -> Non
 def bits_per_dim(cfg: DictConfig, module, data, split: str) -> dict[str, float]:
     """Mean bits/dim of the first ``bpd.num_images`` images of ``split`` under the EMA model:
     ``bpd.method=ode`` through the probability-flow ODE, ``vlb`` by the variational bound."""
-    denoiser = module.ema if cfg.use_ema else module.denoiser
+    denoiser = denoiser_of(module, bool(cfg.use_ema))
     idx = split_indices(len(data), split)[: int(cfg.bpd.num_images)]
     images = to_uint8_rgb(data.images[idx])[:, : data.images.shape[1]]
     labels = module.one_hot(data.labels[idx].to(module.device)) if module.label_dim else None

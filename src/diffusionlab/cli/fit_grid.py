@@ -9,16 +9,18 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.grid_fit import GridFit, GridFitSettings, fit_discretization
+from diffusionlab.diffusion.learned_grids import grid_path, save_grid
 from diffusionlab.diffusion.samplers import get_sampler
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.checkpoint import load_module, pick_device
-from diffusionlab.evaluation.learned_grids import grid_path, save_grid
+from diffusionlab.sampling.checkpoint import load_module, pick_device
+from diffusionlab.sampling.generator import DiffusionGenerator, denoiser_of
+from diffusionlab.sampling.spec import SamplerSpec
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -38,10 +40,10 @@ def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
         raise ConfigError(f"fit.dtype={cfg.fit.dtype!r} must be one of {', '.join(DTYPES)}")
     if cfg.sampler.discretization == "learned":
         raise ConfigError("sampler.discretization=learned: the fit starts from fit.init instead")
-    name, nfe = str(cfg.sampler.name), int(cfg.sampler.nfe)
-    options = OmegaConf.to_container(cfg.sampler, resolve=True).get("options") or {}
+    spec = SamplerSpec.from_config(cfg.sampler)
+    name, nfe = spec.name, spec.nfe
     try:
-        smp, teacher = get_sampler(name, **options), get_sampler(str(cfg.fit.teacher))
+        smp, teacher = spec.sampler(), get_sampler(str(cfg.fit.teacher))
     except ValueError as e:
         raise ConfigError(f"sampler={name} / fit.teacher={cfg.fit.teacher}: {e}") from None
     for s, key in ((smp, "sampler"), (teacher, "fit.teacher")):
@@ -49,12 +51,9 @@ def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
             raise ConfigError(f"{key}={s.name}: a learned grid needs a deterministic sampler")
     module = load_module(cfg.ckpt, pick_device(cfg.device))
     dtype = DTYPES[cfg.fit.dtype]
-    denoiser = (module.ema if cfg.use_ema else module.denoiser).to(dtype).requires_grad_(False)
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        labels = x.new_zeros(x.shape[0], module.label_dim) if module.label_dim else None
-        return denoiser(x, sigma, class_labels=labels)
-
+    denoiser_of(module, bool(cfg.use_ema)).to(dtype).requires_grad_(False)
+    # a conditional model is fitted unconditioned (its null condition, as label dropout trains)
+    denoise = DiffusionGenerator.from_module(module, spec, use_ema=bool(cfg.use_ema)).denoiser()
     schedule = module.schedule
     lo, hi = float(schedule.sigma_min), float(schedule.sigma_max)
     f = cfg.fit

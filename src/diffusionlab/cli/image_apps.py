@@ -1,6 +1,6 @@
-"""What dl-edit, dl-inpaint and dl-interpolate share: the checkpoint's denoiser with the configured
-sampler and sigma grid, the input images (by index from the training dataset's split, or from a
-folder / npz) and PNG grids."""
+"""What dl-edit, dl-inpaint and dl-interpolate share: the checkpoint's generator with the configured
+sampler and its sigma grid, the input images (by index from the training dataset's split, or from
+a folder / npz) and PNG grids."""
 
 from __future__ import annotations
 
@@ -15,64 +15,51 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from diffusionlab.checks import check_sampler, sampler_numbers
+from diffusionlab.checks import sampler_numbers
 from diffusionlab.data.datasets import SPLITS, split_indices
-from diffusionlab.diffusion.samplers import Denoise, Sampler, get_sampler, sigmas_for_nfe
+from diffusionlab.diffusion.samplers import Denoise, Sampler
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.checkpoint import load_module, pick_device
-from diffusionlab.training.images import image_grid
-from diffusionlab.training.module import DiffusionModule
+from diffusionlab.evaluation.images import load_images
+from diffusionlab.sampling.checkpoint import dataset_config, load_module, pick_device
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.images import image_grid
+from diffusionlab.sampling.spec import SamplerSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainedModel:
-    """A checkpoint's (EMA) denoiser ``denoise(x, sigma)`` with the configured sampler and its
-    sigma grid (``sampler.nfe`` network evaluations from sigma_max to 0)."""
+    """A checkpoint's generator and what the editing methods take from it: the (EMA) denoiser
+    ``denoise(x, sigma)`` (no gradients), the configured sampler and its sigma grid
+    (``sampler.nfe`` network evaluations from sigma_max to 0)."""
 
-    module: DiffusionModule
+    generator: DiffusionGenerator
     denoise: Denoise
     sampler: Sampler
     sigmas: Tensor
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.module.data_shape
+        return self.generator.shape
 
     @property
     def device(self) -> torch.device:
-        return self.module.device
+        return self.generator.device
 
 
 def load_model(cfg: DictConfig) -> TrainedModel:
     """``cfg.ckpt`` on ``cfg.device`` with ``cfg.sampler``, all checked before anything runs.
-    Class-conditional models are used unconditionally (all-zero label, as in label dropout)."""
+    Class-conditional models are used unconditionally (the null label, as in label dropout)."""
     sampler_numbers(cfg)
     module = load_module(cfg.ckpt, pick_device(cfg.device))
     if len(module.data_shape) != 3:
         raise ConfigError(f"ckpt={cfg.ckpt!r} is a model of {module.data_shape} points, not images")
-    spec = OmegaConf.to_container(cfg.sampler, resolve=True)
-    check_sampler(spec, module.schedule)
-    options = dict(spec.get("options") or {})
-    name = spec.get("name", "heun")
-    sigmas = sigmas_for_nfe(
-        module.schedule,
-        name,
-        int(spec.get("nfe", 35)),
-        spec.get("discretization", "karras"),
-        options=options,
-        dtype=torch.float32,
-        device=module.device,
-    )
-    net = module.ema if cfg.use_ema else module.denoiser
-
-    @torch.no_grad()
-    def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        labels = x.new_zeros(x.shape[0], module.label_dim) if module.label_dim else None
-        return net(x, sigma, class_labels=labels)
-
-    return TrainedModel(module, denoise, get_sampler(name, **options), sigmas)
+    spec = SamplerSpec.from_config(cfg.sampler, ckpt=cfg.ckpt)
+    spec.check(module.schedule)
+    generator = DiffusionGenerator.from_module(module, spec, use_ema=bool(cfg.use_ema))
+    sigmas = spec.sigmas_for(module.schedule, dtype=torch.float32, device=module.device)
+    return TrainedModel(generator, torch.no_grad()(generator.denoiser()), spec.sampler(), sigmas)
 
 
 def input_images(cfg: DictConfig, model: TrainedModel) -> Tensor:
@@ -89,14 +76,12 @@ def input_images(cfg: DictConfig, model: TrainedModel) -> Tensor:
 
 
 def _from_dataset(cfg: DictConfig) -> Tensor:
-    from diffusionlab.cli.evaluate import dataset_config
-
     indices = OmegaConf.to_container(cfg.inputs.indices) if cfg.inputs.indices else []
     if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
         raise ConfigError(f"inputs.indices={indices!r} must be a non-empty list of integers")
     if cfg.inputs.split not in SPLITS:
         raise ConfigError(f"inputs.split={cfg.inputs.split!r} must be all, train or test")
-    data = instantiate(dataset_config(cfg))
+    data = instantiate(dataset_config(cfg.get("dataset"), cfg.ckpt, cfg.paths))
     split = split_indices(len(data), cfg.inputs.split)
     bad = [i for i in indices if not 0 <= i < len(split)]
     if bad:
@@ -119,8 +104,6 @@ def _from_path(path: str, shape: tuple[int, ...]) -> Tensor:
             raise ConfigError(f"inputs.path={path!r}: 'samples' must be uint8 NHWC")
         u8 = torch.from_numpy(arr).permute(0, 3, 1, 2)
     else:
-        from diffusionlab.cli.evaluate import load_images
-
         try:
             u8 = load_images(str(p), shape[-1])
         except ConfigError as e:

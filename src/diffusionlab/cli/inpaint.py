@@ -16,7 +16,6 @@ from diffusionlab.cli.image_apps import input_images, load_model, save_grid, wri
 from diffusionlab.cli.masks import load_mask
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.editing import repaint
-from diffusionlab.diffusion.noise import StackedRandomGenerator
 
 
 def inpaint(cfg: DictConfig) -> Path:
@@ -31,7 +30,8 @@ def inpaint(cfg: DictConfig) -> Path:
     n = x.shape[0]
     known = x.repeat_interleave(k, 0)  # input i's fills are rows i*k .. i*k + k - 1
     seeds = [seed + j for j in range(n * k)]
-    out = repaint(model.denoise, known, mask, model.sigmas, resample, StackedRandomGenerator(seeds))
+    noise = model.generator.noise_generator(seeds, "cpu")
+    out = repaint(model.denoise, known, mask, model.sigmas, resample, noise)
     keep = ~mask.expand_as(known)
     kept_change = float((out - known)[keep].abs().max()) if bool(keep.any()) else 0.0
     shown = torch.where(mask, torch.zeros_like(x), x)

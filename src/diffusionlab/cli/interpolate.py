@@ -27,7 +27,6 @@ from diffusionlab.cli.image_apps import (
 )
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.latents import INVERSION_SOLVERS, invert_ode, slerp
-from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.errors import ConfigError
 
 MODES = ("latent", "noise")
@@ -66,7 +65,7 @@ def interpolate(cfg: DictConfig) -> Path:
     else:
         pairs = int(number(cfg, "pairs", int, at_least=1))
         seeds = range(int(number(cfg, "seed", int)), int(cfg.seed) + 2 * pairs)
-        noise = StackedRandomGenerator(seeds, model.device).randn((2 * pairs, *model.shape))
+        noise, _ = model.generator.seeded_noise(seeds)
         a, b = noise[0::2] * model.sigmas[0], noise[1::2] * model.sigmas[0]
         results = {"mode": "noise"}
     path = _path(model, a, b, ts)  # [pairs, steps, C, H, W]

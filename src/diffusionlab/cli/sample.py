@@ -13,21 +13,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.checkpoint import (
-    load_guide,
-    load_module,
-    module_generator,
-    pick_device,
-)
-from diffusionlab.evaluation.images import to_uint8_rgb
-from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.evaluation.protocol import parse_seeds
 from diffusionlab.evaluation.wandb_runs import start_wandb_run
-from diffusionlab.training.images import save_samples_png
+from diffusionlab.sampling.checkpoint import load_guide, load_module, pick_device
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.images import save_samples_png, to_uint8_rgb
+from diffusionlab.sampling.spec import SamplerSpec
 from diffusionlab.training.loggers import finish_wandb_run
 
 log = logging.getLogger(__name__)
@@ -43,10 +38,10 @@ def sample(cfg: DictConfig) -> Path:
     sampler_numbers(cfg)
     device = pick_device(cfg.device)
     module = load_module(cfg.ckpt, device)
-    sampler = resolve_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), cfg.ckpt)
-    check_sampler(sampler, module.schedule)
+    spec = SamplerSpec.from_config(cfg.sampler, ckpt=cfg.ckpt)
+    spec.check(module.schedule)
     guide = load_guide(cfg.guide_ckpt, module)
-    generator = module_generator(module, sampler, guidance, bool(cfg.use_ema), guide)
+    generator = DiffusionGenerator.from_module(module, spec, guidance, bool(cfg.use_ema), guide)
     class_label = number(cfg, "class_label", int, optional=True)
     if class_label is not None and not 0 <= class_label < module.label_dim:
         raise ConfigError(
@@ -82,7 +77,7 @@ def class_grid_labels(cfg: DictConfig, n: int, label_dim: int) -> torch.Tensor |
 
 def _sample(
     cfg: DictConfig,
-    generator,
+    generator: DiffusionGenerator,
     seeds: list[int],
     bs: int,
     grid_labels: torch.Tensor | None = None,
@@ -117,13 +112,8 @@ def _sample(
         if labels:
             arrays["labels"] = torch.cat(labels).numpy()
         np.savez(outdir / "samples.npz", **arrays)
-    log.info(
-        "%d samples (%s, nfe=%s) in %s",
-        len(seeds),
-        cfg.sampler.get("name"),
-        cfg.sampler.get("nfe"),
-        outdir,
-    )
+    spec = generator.spec
+    log.info("%d samples (%s, nfe=%s) in %s", len(seeds), spec.name, spec.nfe, outdir)
     return outdir
 
 

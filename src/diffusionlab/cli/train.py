@@ -14,14 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from diffusionlab.checks import check_sampler, number, sampler_numbers
+from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.objective import optimized_value
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.learned_grids import resolve_sampler
+from diffusionlab.sampling.spec import SamplerSpec
 from diffusionlab.training.checkpoint_io import check_resumable
 from diffusionlab.training.loggers import finish_wandb_run
 from diffusionlab.training.module import DiffusionModule
@@ -94,6 +94,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
             f"label_dim={label_dim} but dataset {cfg.dataset._target_} has "
             f"num_classes={dataset.num_classes}; use label_dim=0 or label_dim={dataset.num_classes}"
         )
+    # the grid callbacks' default and what sampling from the checkpoint uses unless told otherwise
+    spec = SamplerSpec.from_config(_container(cfg.sampler)) if cfg.sampler else SamplerSpec()
     module = DiffusionModule(
         model=_container(cfg.model),
         schedule=_container(cfg.schedule),
@@ -104,7 +106,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         data_shape=list(dataset.shape),
         label_dim=label_dim,
         lr_warmup_steps=cfg.lr_warmup_steps,
-        sampler=resolve_sampler(cfg.sampler and _container(cfg.sampler)),
+        sampler=spec.to_dict() if cfg.sampler else None,
         lr_schedule=_container(cfg.get("lr_schedule")),
         augment=_container(cfg.get("augment")),
         latent=getattr(dataset, "latent", None),
@@ -114,7 +116,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
     if module.decoder is not None:
         module.decoder.load_from(dataset.autoencoder)
     check_fits(module, dataset.shape)
-    check_sampler(module.hparams.sampler or {}, module.schedule)
+    spec.check(module.schedule)
     if cfg.get("channels_last"):
         to_channels_last(module)
     return module, datamodule

@@ -50,9 +50,12 @@ def conditional_pair(denoise: LabelDenoise, class_labels: Tensor) -> tuple[Denoi
     )
 
 
-def label_cfg_denoiser(denoise: LabelDenoise, class_labels: Tensor, w: float) -> Denoise:
-    """CFG from one label-conditional denoiser, evaluating cond and uncond in one batch of 2B."""
-    labels = torch.cat([class_labels, torch.zeros_like(class_labels)])
+def label_cfg_denoiser(
+    denoise: LabelDenoise, class_labels: Tensor, w: float, uncond: Tensor | None = None
+) -> Denoise:
+    """CFG from one conditional denoiser ``denoise(x, sigma, cond)``, evaluating cond and uncond
+    in one batch of 2B; ``uncond`` is the unconditional input (default: the all-zeros one-hot)."""
+    labels = torch.cat([class_labels, torch.zeros_like(class_labels) if uncond is None else uncond])
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)

@@ -50,3 +50,13 @@ def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(
         x.device
     )
+
+
+def noise_generator(
+    kind: str, seeds: Sequence[int], device: torch.device | str = "cpu"
+) -> StackedRandomGenerator:
+    """The sampling noise source named by a sampler spec's ``noise``, one stream per sample
+    index: ``per_seed`` is one ``torch.Generator`` per seed (EDM generate.py)."""
+    if kind == "per_seed":
+        return StackedRandomGenerator(seeds, device)
+    raise ValueError(f"unknown noise kind {kind!r}; valid: per_seed")

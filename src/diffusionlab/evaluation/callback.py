@@ -10,17 +10,17 @@ from pathlib import Path
 import lightning as L
 
 from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
-from diffusionlab.evaluation.generator import DiffusionGenerator
-from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.evaluation.metrics import METRICS
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.spec import SamplerSpec
 
 log = logging.getLogger(__name__)
 
 
 class FIDCallback(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training when ``at_end``),
-    sample ``num_samples`` images from seeds ``seed ..`` with the EMA denoiser and ``sampler``
-    (``name``, ``nfe``, ``discretization``, ``options``), score them against the training data
+    sample ``num_samples`` images from seeds ``seed ..`` with the EMA denoiser and the ``sampler``
+    config (a :class:`~diffusionlab.sampling.spec.SamplerSpec` node), score them against the training data
     and log ``eval/fid`` etc. to every logger. Work is shared over DDP processes.
 
     ``dataset`` is the dataset config's ``_target_`` (it names the cache entries); the domain
@@ -49,9 +49,7 @@ class FIDCallback(L.Callback):
         self.cache_dir = Path(cache_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
-        self.sampler = resolve_sampler(
-            sampler or {"name": "heun", "nfe": 35}, key="callbacks.fid.sampler"
-        )
+        self.sampler = SamplerSpec.from_config(sampler, key="callbacks.fid.sampler")
         self.extractor = extractor
         self.inception_weights = inception_weights
         self.metrics = list(metrics)
@@ -82,24 +80,7 @@ class FIDCallback(L.Callback):
     ) -> tuple[dict[str, float], float]:
         """Score the EMA weights now: (metrics, the same on every process; seconds spent)."""
         evaluator = self._evaluator_for(trainer, pl_module)
-        ema = pl_module.ema
-
-        def denoise(x, sigma, class_labels):
-            return ema(x, sigma, class_labels=class_labels)
-
-        generator = DiffusionGenerator(
-            denoise,
-            pl_module.schedule,
-            pl_module.data_shape,
-            num_classes=pl_module.label_dim,
-            sampler=self.sampler.get("name", "heun"),
-            nfe=int(self.sampler.get("nfe", 35)),
-            discretization=self.sampler.get("discretization", "karras"),
-            options=dict(self.sampler.get("options") or {}),
-            device=pl_module.device,
-            sigmas=self.sampler.get("sigmas"),
-            decode=pl_module.decoder,
-        )
+        generator = DiffusionGenerator.from_module(pl_module, self.sampler)
         t0 = time.time()
         seeds = range(self.seed, self.seed + self.num_samples)
         return evaluator.score_generator(generator, [seeds], self.batch_size), time.time() - t0

@@ -23,11 +23,11 @@ from diffusionlab.evaluation.extractors import (
     domain_weights_path,
 )
 from diffusionlab.evaluation.features import Features, image_features
-from diffusionlab.evaluation.generator import DiffusionGenerator
 from diffusionlab.evaluation.metrics import METRICS, compute_metrics
 from diffusionlab.evaluation.protocol import evaluate_generator
 from diffusionlab.evaluation.reference import reference_features
 from diffusionlab.evaluation.train_extractor import train_and_save
+from diffusionlab.sampling.generator import DiffusionGenerator
 
 log = logging.getLogger(__name__)
 EXTRACTORS = ("domain", "inception")

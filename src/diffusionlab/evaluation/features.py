@@ -11,10 +11,10 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm import tqdm
 
 from diffusionlab.evaluation.distributed import gather_rows, rank_and_world, shard
-from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.sampling.images import to_uint8_rgb
 
 if TYPE_CHECKING:
-    from diffusionlab.evaluation.generator import DiffusionGenerator
+    from diffusionlab.sampling.generator import DiffusionGenerator
 
 Features = dict[str, Tensor]
 

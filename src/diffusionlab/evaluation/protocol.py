@@ -10,8 +10,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.features import Features, generated_features
-from diffusionlab.evaluation.generator import DiffusionGenerator
 from diffusionlab.evaluation.metrics import METRICS, compute_metrics
+from diffusionlab.sampling.generator import DiffusionGenerator
 
 SEED_FORMS = "seeds=0-63, seeds=5, seeds=[0,1,2], seeds=[0-9,20] or seeds=0-9,20"
 

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import DomainClassifier, uint8_to_unit
-from diffusionlab.evaluation.generator import DiffusionGenerator
-from diffusionlab.evaluation.images import to_uint8_rgb
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.images import to_uint8_rgb
 
 THRESHOLD = 0.9
 

@@ -17,9 +17,9 @@ from diffusionlab.data import TensorImageDataset
 from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import DomainClassifier, domain_weights_path, uint8_to_unit
-from diffusionlab.evaluation.images import to_uint8_rgb
 from diffusionlab.evaluation.reference import load_dataset
 from diffusionlab.files import atomic_write
+from diffusionlab.sampling.images import to_uint8_rgb
 
 log = logging.getLogger(__name__)
 

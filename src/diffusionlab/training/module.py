@@ -1,4 +1,5 @@
 """The LightningModule: network + parameterization = denoiser, loss, optimizer and EMA weights.
+Sampling from it is the generator's job (``diffusionlab.sampling.generator``).
 
 Everything is rebuilt from plain config dicts stored in ``hparams``, so
 ``DiffusionModule.load_from_checkpoint(path)`` restores the exact model without Hydra's app.
@@ -18,10 +19,8 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from diffusionlab.data.augment import augment_seeds
-from diffusionlab.diffusion.guidance import cfg_denoiser
 from diffusionlab.diffusion.noise import StackedRandomGenerator
 from diffusionlab.diffusion.parameterizations import Denoiser
-from diffusionlab.diffusion.samplers import sample as run_sampler
 from diffusionlab.errors import CheckpointError, ConfigError
 from diffusionlab.networks.autoencoder import LatentDecoder
 from diffusionlab.training.ema import PowerEMA, ema_update
@@ -199,46 +198,3 @@ class DiffusionModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
-
-    # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def generate(
-        self,
-        seeds: Sequence[int],
-        class_labels: Tensor | None = None,
-        sampler: dict | None = None,
-        use_ema: bool = True,
-        guide: Denoiser | None = None,
-        guidance: float = 1.0,
-    ) -> Tensor:
-        """Samples in [-1, 1] for ``seeds`` (one per image, independent of batching), decoded
-        to images for a latent model.
-
-        ``sampler`` holds ``name``, ``nfe``, ``discretization``, ``options`` (and ``sigmas`` of a
-        learned grid); default: the sampler stored in the hyperparameters. With a ``guide``
-        denoiser, autoguidance D_guide + guidance (D - D_guide) (Karras et al. 2024, eq. 1).
-        """
-        cfg = dict(sampler or self.hparams.sampler or {"name": "heun", "nfe": 35})
-        denoiser = self.ema if use_ema else self.denoiser
-        gen = StackedRandomGenerator(seeds, device=self.device)
-        noise = gen.randn((len(seeds), *self.data_shape))
-
-        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-            return denoiser(x, sigma, class_labels=class_labels)
-
-        if guide is not None:
-            denoise = cfg_denoiser(
-                denoise, lambda x, sigma: guide(x, sigma, class_labels=class_labels), guidance
-            )
-        out = run_sampler(
-            denoise,
-            self.schedule,
-            noise,
-            sampler=cfg.get("name", "heun"),
-            nfe=int(cfg.get("nfe", 35)),
-            discretization=cfg.get("discretization", "karras"),
-            options=dict(cfg.get("options") or {}),
-            generator=gen,
-            grid_options={"sigmas": cfg["sigmas"]} if cfg.get("sigmas") is not None else None,
-        )
-        return out if self.decoder is None else self.decoder(out)

@@ -1,4 +1,5 @@
-"""Turning samples into files a person looks at: image grids and 2-D scatter plots."""
+"""Turning samples into images: uint8 (EDM's rounding), the uint8 RGB every metric sees, and the
+files a person looks at (image grids, 2-D scatter plots)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ from torch import Tensor
 def to_uint8(x: Tensor) -> Tensor:
     """[-1, 1] float images -> uint8 [0, 255] (EDM generate.py rounding)."""
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def to_uint8_rgb(x: Tensor) -> Tensor:
+    """[-1, 1] float NCHW -> uint8 NCHW with 3 channels (grey repeated): torch-fidelity's format."""
+    x = to_uint8(x)
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
 def image_grid(x: Tensor, nrow: int | None = None) -> Tensor:

@@ -9,7 +9,6 @@ and refuses a file fitted for another sampler, NFE or checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from diffusionlab.diffusion.grid_fit import GridFit
 from diffusionlab.diffusion.samplers import check_sigmas
 from diffusionlab.errors import ConfigError
+from diffusionlab.files import atomic_write_text, file_sha256
 
 
 def grid_path(ckpt: str | Path, sampler: str, nfe: int) -> Path:
@@ -26,18 +26,8 @@ def grid_path(ckpt: str | Path, sampler: str, nfe: int) -> Path:
     return Path(ckpt).expanduser().resolve().parent / "grids" / f"{sampler}_nfe{int(nfe)}.json"
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_grid(path: str | Path, fit: GridFit, ckpt: str | Path | None = None) -> Path:
     """Write ``fit`` (grid, sampler, NFE, settings, held-out errors, checkpoint) as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "sampler": fit.settings["sampler"],
         "options": fit.settings["options"],
@@ -51,10 +41,7 @@ def save_grid(path: str | Path, fit: GridFit, ckpt: str | Path | None = None) ->
         "ckpt": str(Path(ckpt).name) if ckpt else None,
         "ckpt_sha256": file_sha256(ckpt) if ckpt else None,
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def load_grid(path: str | Path, key: str = "sampler.grid") -> dict[str, Any]:
@@ -72,18 +59,18 @@ def load_grid(path: str | Path, key: str = "sampler.grid") -> dict[str, Any]:
 
 
 def resolve_sampler(
-    sampler: dict[str, Any] | None, ckpt: str | Path | None = None, key: str = "sampler"
-) -> dict[str, Any] | None:
-    """``sampler`` with the stored grid's ``sigmas`` when ``discretization`` is ``learned``
-    (from ``sampler.grid``, else from beside ``ckpt``); other samplers are returned unchanged."""
-    if sampler is None:
-        return None
+    sampler: dict[str, Any], ckpt: str | Path | None = None, key: str = "sampler"
+) -> dict[str, Any]:
+    """A copy of the sampler config ``sampler`` (``name``, ``nfe``, ``discretization``, ``grid``,
+    ``options``) with the stored grid's ``sigmas`` when ``discretization`` is ``learned`` (from
+    ``grid``, else from beside ``ckpt``); other samplers are returned unchanged. ``key`` names
+    the config node in messages."""
     sampler = dict(sampler)
     if sampler.get("discretization") != "learned":
         if sampler.get("grid"):
             raise ConfigError(f"{key}.grid is read only with {key}.discretization=learned")
         return sampler
-    name, nfe = sampler.get("name", "heun"), sampler.get("nfe", 35)
+    name, nfe = sampler["name"], int(sampler["nfe"])
     fit_cmd = f"dl-fit-grid ckpt=<checkpoint> sampler={name} sampler.nfe={nfe}"
     if sampler.get("grid"):
         path = Path(str(sampler["grid"]))

@@ -1,5 +1,5 @@
-"""From a training checkpoint to a generator: the EMA denoiser, its schedule and the data config
-of the run that wrote it."""
+"""From a checkpoint file to a trained model: the one loader every app uses, the autoguidance
+guide, and the config of the training run that wrote it (its dataset)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from diffusionlab.errors import CheckpointError, ConfigError
-from diffusionlab.evaluation.generator import DiffusionGenerator
 from diffusionlab.training.checkpoint_io import read_checkpoint
 from diffusionlab.training.module import DiffusionModule
 
@@ -24,7 +23,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
     """The ``DiffusionModule`` stored in ``ckpt`` (eval mode, on ``device``), read with
-    ``weights_only=True``; a file that does not hold the model its hparams describe is refused."""
+    ``weights_only=True``; a file that does not hold the model its hparams describe is refused.
+    Every app and :func:`load_guide` load models here and nowhere else."""
     if not ckpt:
         raise ConfigError("ckpt=... is required (a Lightning checkpoint written by train.py)")
     state = read_checkpoint(ckpt, "ckpt", map_location=device)
@@ -38,15 +38,6 @@ def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
             f"ckpt={ckpt!r}: its weights do not fit the model its hyperparameters describe ({first})"
         ) from None
     return module.eval().to(device)
-
-
-def run_config(ckpt: str) -> DictConfig | None:
-    """The resolved Hydra config of the training run (``<run>/.hydra/config.yaml``), if present."""
-    for parent in Path(ckpt).resolve().parents[:3]:
-        path = parent / ".hydra" / "config.yaml"
-        if path.is_file():
-            return OmegaConf.load(path)
-    return None
 
 
 def load_guide(guide_ckpt: str | None, module: DiffusionModule) -> DiffusionModule | None:
@@ -64,42 +55,23 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule) -> DiffusionModu
     return guide
 
 
-def _denoise(module: DiffusionModule, use_ema: bool):
-    denoiser = module.ema if use_ema else module.denoiser
+def run_config(ckpt: str) -> DictConfig | None:
+    """The resolved Hydra config of the training run (``<run>/.hydra/config.yaml``), if present."""
+    for parent in Path(ckpt).resolve().parents[:3]:
+        path = parent / ".hydra" / "config.yaml"
+        if path.is_file():
+            return OmegaConf.load(path)
+    return None
 
-    def denoise(x, sigma, class_labels):
-        return denoiser(x, sigma, class_labels=class_labels)
 
-    return denoise
-
-
-def module_generator(
-    module: DiffusionModule,
-    sampler: dict,
-    guidance: float = 1.0,
-    use_ema: bool = True,
-    guide: DiffusionModule | None = None,
-) -> DiffusionGenerator:
-    """A :class:`DiffusionGenerator` over the module's (EMA) denoiser with ``sampler`` (``name``,
-    ``nfe``, ``discretization``, ``options``, ``sigmas`` of a learned grid) and guidance weight
-    ``guidance``: classifier-free, or autoguidance when ``guide`` (a weaker module, see :func:`load_guide`) is given."""
-    if guidance != 1.0 and module.label_dim == 0 and guide is None:
-        raise ConfigError(
-            f"guidance={guidance} needs a class-conditional model (label_dim > 0) or a "
-            "guide_ckpt (autoguidance)"
-        )
-    return DiffusionGenerator(
-        _denoise(module, use_ema),
-        module.schedule,
-        module.data_shape,
-        num_classes=module.label_dim,
-        sampler=sampler.get("name", "heun"),
-        nfe=int(sampler.get("nfe", 35)),
-        discretization=sampler.get("discretization", "karras"),
-        options=dict(sampler.get("options") or {}),
-        guidance=guidance,
-        device=module.device,
-        sigmas=sampler.get("sigmas"),
-        decode=module.decoder,
-        guide=_denoise(guide, use_ema) if guide is not None else None,
-    )
+def dataset_config(dataset: DictConfig | None, ckpt: str | None, paths: DictConfig) -> DictConfig:
+    """``dataset`` when given, else the dataset the checkpoint's training run used (a latent
+    run's ``dataset.source``: its samples are decoded to images), with ``paths`` for its
+    interpolations."""
+    if dataset is not None:
+        return dataset
+    run = run_config(ckpt) if ckpt else None
+    if run is None or "dataset" not in run:
+        raise ConfigError("no reference dataset: pass dataset=<name> (e.g. dataset=mnist16)")
+    merged = OmegaConf.create({"paths": OmegaConf.to_container(paths), "dataset": run.dataset})
+    return merged.dataset.source if "source" in merged.dataset else merged.dataset

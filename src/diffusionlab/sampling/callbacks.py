@@ -1,5 +1,6 @@
-"""Callbacks: a fixed-seed sample grid from the EMA weights, written as PNG and sent to loggers,
-and beside it the same seeds with autoguidance by the run's own early EMA."""
+"""The training-time sample grid: fixed seeds drawn from the EMA weights through the generator,
+written as PNG and sent to loggers, and beside it the same seeds with autoguidance by the run's
+own early EMA."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from torch import Tensor
 
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.learned_grids import resolve_sampler
-from diffusionlab.training.images import log_image, save_samples_png
+from diffusionlab.sampling.generator import generate
+from diffusionlab.sampling.images import log_image, save_samples_png
+from diffusionlab.sampling.spec import SamplerSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,11 @@ class SampleGrid(L.Callback):
         self.every_n_steps = every_n_steps
         self.n = n
         self.seed = seed
+        # None: the sampler stored with the model (its training config's)
         self.sampler = (
-            resolve_sampler(sampler, key="callbacks.sample_grid.sampler") if sampler else None
+            SamplerSpec.from_config(sampler, key="callbacks.sample_grid.sampler")
+            if sampler
+            else None
         )
         self.dirname = dirname
         self.guidance = float(guidance)
@@ -98,10 +103,11 @@ class SampleGrid(L.Callback):
         pl_module.eval()
         seeds = range(self.seed, self.seed + self.n)
         labels = self._labels(pl_module)
-        x = pl_module.generate(seeds, class_labels=labels, sampler=self.sampler)
+        x = generate(pl_module, seeds, class_labels=labels, sampler=self.sampler)
         guide = self._guide_denoiser(pl_module)
         if guide is not None:
-            guided = pl_module.generate(
+            guided = generate(
+                pl_module,
                 seeds,
                 class_labels=labels,
                 sampler=self.sampler,

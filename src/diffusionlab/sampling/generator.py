@@ -1,0 +1,208 @@
+"""The generator: one path from a trained denoiser to images, used by every app and callback.
+
+denoiser -> conditioning and guidance (classifier-free, or autoguidance by a weaker ``guide``) ->
+the sampler spec's grid and sampler -> images in [-1, 1] (a latent model's samples decoded). Noise
+and conditions are drawn per sample index from its own seed (EDM generate.py), so images do not
+depend on batching. The generator is also a torch-fidelity ``GenerativeModelBase``, whose
+``forward(z, labels)`` returns uint8 RGB images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch_fidelity.generative_model_base import GenerativeModelBase
+
+from diffusionlab.diffusion.guidance import cfg_denoiser, label_cfg_denoiser
+from diffusionlab.diffusion.noise import Generator, StackedRandomGenerator
+from diffusionlab.diffusion.samplers import Denoise
+from diffusionlab.errors import ConfigError
+from diffusionlab.sampling.conditioning import CondDenoise, Condition, condition_of, conditioned
+from diffusionlab.sampling.images import to_uint8_rgb
+from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.training.module import DiffusionModule
+
+
+def denoiser_of(module: DiffusionModule, use_ema: bool = True) -> nn.Module:
+    """The module's EMA denoiser (``use_ema``) or its trained weights."""
+    return module.ema if use_ema else module.denoiser
+
+
+class DiffusionGenerator(GenerativeModelBase):
+    """Images from ``denoise(x, sigma, cond)`` on ``schedule`` with the sampler ``spec``.
+
+    ``condition`` is the model's condition kind (None: unconditional); ``cond`` is its encoded
+    value. ``guidance`` w != 1 applies classifier-free guidance (the condition's null input is the
+    unconditional model), or autoguidance when ``guide`` (a weaker denoiser with the same
+    signature, given the same condition) is set: D_guide + w (D - D_guide). ``decode`` maps
+    samples of ``shape`` to images (a latent model's decoder)."""
+
+    def __init__(
+        self,
+        denoise: CondDenoise,
+        schedule: Any,
+        shape: Sequence[int],
+        condition: Condition | None = None,
+        spec: SamplerSpec | None = None,
+        guidance: float = 1.0,
+        device: torch.device | str = "cpu",
+        decode: Callable[[Tensor], Tensor] | None = None,
+        guide: CondDenoise | None = None,
+    ) -> None:
+        super().__init__()
+        self.denoise = denoise
+        self.schedule = schedule
+        self.shape = tuple(int(s) for s in shape)
+        self.condition = condition
+        self.spec = spec or SamplerSpec()
+        self.guidance = float(guidance)
+        self.guide = guide
+        self.device = torch.device(device)
+        self.decode = decode
+
+    @classmethod
+    def from_module(
+        cls,
+        module: DiffusionModule,
+        spec: SamplerSpec | None = None,
+        guidance: float = 1.0,
+        use_ema: bool = True,
+        guide: DiffusionModule | nn.Module | None = None,
+    ) -> DiffusionGenerator:
+        """The generator of a trained module's (EMA) denoiser, its condition kind, schedule, data
+        shape and decoder; ``guide`` is a weaker module (its EMA when ``use_ema``, see
+        :func:`~diffusionlab.sampling.checkpoint.load_guide`) or denoiser for autoguidance."""
+        condition = condition_of(module)
+        if guidance != 1.0 and condition is None and guide is None:
+            raise ConfigError(
+                f"guidance={guidance} needs a class-conditional model (label_dim > 0) or a "
+                "guide_ckpt (autoguidance)"
+            )
+        if isinstance(guide, DiffusionModule):
+            guide = denoiser_of(guide, use_ema)
+        return cls(
+            conditioned(denoiser_of(module, use_ema), condition),
+            module.schedule,
+            module.data_shape,
+            condition,
+            spec,
+            guidance,
+            module.device,
+            module.decoder,
+            None if guide is None else conditioned(guide, condition),
+        )
+
+    # ------------------------------------------------------------------ torch-fidelity
+    @property
+    def z_size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def z_type(self) -> str:
+        return "normal"
+
+    @property
+    def num_classes(self) -> int:
+        return self.condition.num_classes if self.condition is not None else 0
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        return to_uint8_rgb(self.sample_images(z.view(-1, *self.shape), labels))
+
+    # ------------------------------------------------------------------ inputs
+    def noise_generator(
+        self, seeds: Sequence[int], device: torch.device | str | None = None
+    ) -> StackedRandomGenerator:
+        """The per-sample noise source of ``seeds`` (the spec's noise kind), on ``device``
+        (default the model's)."""
+        return self.spec.noise_generator(seeds, self.device if device is None else device)
+
+    def seeded_noise(self, seeds: Sequence[int]) -> tuple[Tensor, StackedRandomGenerator]:
+        """Standard-normal noise [len(seeds), *shape], row i from ``seeds[i]``, and the generator
+        the sampler keeps drawing from."""
+        gen = self.noise_generator(seeds)
+        return gen.randn((len(seeds), *self.shape)), gen
+
+    def seeded_inputs(
+        self, seeds: Sequence[int], class_label: Any = None
+    ) -> tuple[Tensor, Tensor | None, StackedRandomGenerator]:
+        """Noise, conditions and the per-sample generator for ``seeds``: row i depends on seeds[i]
+        only. Conditions are drawn from each sample's generator after its noise (EDM
+        generate.py) unless ``class_label`` fixes them; None for unconditional models."""
+        noise, gen = self.seeded_noise(seeds)
+        labels = None
+        if self.condition is not None:
+            labels = (
+                self.condition.draw(gen, self.device)
+                if class_label is None
+                else self.condition.fixed(class_label, len(seeds), self.device)
+            )
+        return noise, labels, gen
+
+    def encode(self, labels: Tensor | None) -> Tensor | None:
+        """Condition values -> the network's input (None for unconditional models)."""
+        if self.condition is None or labels is None:
+            return None
+        return self.condition.encode(labels.to(self.device))
+
+    # ------------------------------------------------------------------ sampling
+    def denoiser(self, cond: Tensor | None = None) -> Denoise:
+        """``denoise(x, sigma)`` for the encoded condition ``cond`` with guidance applied: the
+        function the sampler (or an editing method) sees."""
+        if self.guide is not None:  # autoguidance, Karras et al. 2024 eq. 1
+            guide = self.guide
+            return cfg_denoiser(
+                lambda x, sigma: self.denoise(x, sigma, cond),
+                lambda x, sigma: guide(x, sigma, cond),
+                self.guidance,
+            )
+        if cond is not None and self.guidance != 1.0:
+            return label_cfg_denoiser(self.denoise, cond, self.guidance, self.condition.null(cond))
+
+        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+            return self.denoise(x, sigma, cond)
+
+        return denoise
+
+    @torch.no_grad()
+    def sample(
+        self, noise: Tensor, cond: Tensor | None = None, generator: Generator = None
+    ) -> Tensor:
+        """Run the sampler from standard-normal ``noise`` [B, *shape] with the encoded condition
+        ``cond`` (then ``decode``); images in [-1, 1]."""
+        x = self.spec.sample(
+            self.denoiser(cond), self.schedule, noise.to(self.device), generator=generator
+        )
+        return x if self.decode is None else self.decode(x)
+
+    def sample_images(
+        self, noise: Tensor, labels: Tensor | None = None, generator: Generator = None
+    ) -> Tensor:
+        """:meth:`sample` with condition values (class labels), encoded here."""
+        return self.sample(noise, self.encode(labels), generator)
+
+    def generate(self, seeds: Sequence[int], class_label: Any = None) -> Tensor:
+        """Images in [-1, 1] for ``seeds``, independent of how seeds are batched."""
+        noise, labels, gen = self.seeded_inputs(seeds, class_label)
+        return self.sample_images(noise, labels, gen)
+
+
+def generate(
+    module: DiffusionModule,
+    seeds: Sequence[int],
+    class_labels: Tensor | None = None,
+    sampler: SamplerSpec | dict | None = None,
+    use_ema: bool = True,
+    guide: DiffusionModule | nn.Module | None = None,
+    guidance: float = 1.0,
+) -> Tensor:
+    """Samples of a trained module in [-1, 1] for ``seeds`` (one per image, independent of
+    batching), decoded to images for a latent model. ``class_labels`` are encoded conditions
+    (one-hot, or None: unconditioned); ``sampler`` a spec or config (default: the run's, stored
+    in the checkpoint); with a ``guide``, autoguidance with weight ``guidance``."""
+    spec = SamplerSpec.of(sampler if sampler is not None else module.hparams.sampler)
+    gen = DiffusionGenerator.from_module(module, spec, guidance, use_ema, guide)
+    noise, noise_gen = gen.seeded_noise(seeds)
+    return gen.sample(noise, class_labels, noise_gen)
