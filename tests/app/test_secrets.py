@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from diffusionlab.training.secrets import REDACTED, redact, secret_values
+from diffusionlab.tracking.secrets import REDACTED, redact, secret_values
 
 from .helpers import fast_overrides, run_app
 

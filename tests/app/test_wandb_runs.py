@@ -9,10 +9,10 @@ import pytest
 import wandb
 from hydra import compose, initialize_config_dir
 
+from app.wandb_log import offline_runs
 from diffusionlab.cli.evaluate import evaluate
 from diffusionlab.cli.sample import sample
 from diffusionlab.config import CONF_DIR
-from diffusionlab.training.wandb_records import offline_runs
 
 from .helpers import fast_overrides, run_app
 

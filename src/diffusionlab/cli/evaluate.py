@@ -32,13 +32,13 @@ from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
 from diffusionlab.evaluation.recognition import generate_labelled, recognition_metrics
 from diffusionlab.evaluation.tables import markdown_lines, write_csv
-from diffusionlab.evaluation.wandb_runs import log_curve, start_wandb_run
 from diffusionlab.sampling.checkpoint import dataset_config, load_guide, load_module, pick_device
 from diffusionlab.sampling.generator import DiffusionGenerator, denoiser_of
 from diffusionlab.sampling.images import to_uint8_rgb
 from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.tracking.loggers import finish_wandb_run
+from diffusionlab.tracking.wandb_runs import log_curve, start_wandb_run
 from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstructions
-from diffusionlab.training.loggers import finish_wandb_run
 
 log = logging.getLogger(__name__)
 

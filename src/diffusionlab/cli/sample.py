@@ -18,12 +18,12 @@ from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.protocol import parse_seeds
-from diffusionlab.evaluation.wandb_runs import start_wandb_run
 from diffusionlab.sampling.checkpoint import load_guide, load_module, pick_device
 from diffusionlab.sampling.generator import DiffusionGenerator
 from diffusionlab.sampling.images import save_samples_png, to_uint8_rgb
 from diffusionlab.sampling.spec import SamplerSpec
-from diffusionlab.training.loggers import finish_wandb_run
+from diffusionlab.tracking.loggers import finish_wandb_run
+from diffusionlab.tracking.wandb_runs import start_wandb_run
 
 log = logging.getLogger(__name__)
 

@@ -22,14 +22,15 @@ from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
 from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.tracking.loggers import finish_wandb_run
+from diffusionlab.tracking.run_identity import run_config
+from diffusionlab.tracking.run_record import write_run_record
+from diffusionlab.tracking.secrets import redact, secret_values, secrets_kept_out
 from diffusionlab.training.checkpoint_io import check_resumable
-from diffusionlab.training.loggers import finish_wandb_run
 from diffusionlab.training.module import DiffusionModule
 from diffusionlab.training.nonfinite import NonFiniteGuard
 from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
 from diffusionlab.training.preemption import Preemption
-from diffusionlab.training.run_identity import run_config
-from diffusionlab.training.secrets import redact, secret_values, secrets_kept_out
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             "and data.batch_per_device; set those instead"
         )
     trainer = make_trainer(cfg, datamodule)
+    config = run_config(cfg)
     with secrets_kept_out(OmegaConf.to_container(cfg, resolve=True), cfg.paths.output_dir):
         for logger in trainer.loggers:
-            logger.log_hyperparams(run_config(cfg))
+            logger.log_hyperparams(config)
+        write_run_record(cfg.paths.output_dir, config, trainer.loggers)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

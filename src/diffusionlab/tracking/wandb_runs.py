@@ -9,29 +9,30 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffusionlab.training.loggers import resolve_wandb_mode
-from diffusionlab.training.run_identity import (
+from diffusionlab.tracking.loggers import resolve_wandb_mode
+from diffusionlab.tracking.run_identity import (
     hydra_config,
     run_config,
     run_group,
     run_name,
 )
-from diffusionlab.training.secrets import secrets_kept_out
-from diffusionlab.training.wandb_records import run_record
+from diffusionlab.tracking.run_record import read_run_record
+from diffusionlab.tracking.secrets import secrets_kept_out
 
 
 def train_run_of(ckpt: str | Path) -> dict[str, str] | None:
-    """The W&B run of the training run that wrote ``ckpt`` (``<run>/checkpoints/x.ckpt``): id,
-    name and group read from the newest ``<run>/wandb/*run-<time>-<id>/run-<id>.wandb``, and the
-    run directory. None when that run logged nothing to W&B."""
-    run_dir = Path(ckpt).resolve().parent.parent
-    logs = sorted(
-        (run_dir / "wandb").glob("*run-*-*/run-*.wandb"), key=lambda p: p.parent.name.split("-")[-2]
-    )
-    if not logs:
+    """The W&B run of the training run that wrote ``ckpt``: id, name and group from its
+    ``run.json``, and the run directory. None when that run logged nothing to W&B."""
+    found = read_run_record(ckpt)
+    if found is None or not found[0].get("wandb_id"):
         return None
-    run = run_record(logs[-1])
-    return {"id": run.run_id, "name": run.display_name, "group": run.run_group, "dir": str(run_dir)}
+    record, run_dir = found
+    return {
+        "id": record["wandb_id"],
+        "name": record["name"],
+        "group": record["group"],
+        "dir": str(run_dir),
+    }
 
 
 def start_wandb_run(cfg: DictConfig, ckpts: Sequence[str]) -> Any:

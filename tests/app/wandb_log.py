@@ -1,8 +1,8 @@
 """Read W&B runs back from their local log: ``<dir>/wandb/[offline-]run-*/run-<id>.wandb`` (written
 online and offline) is a LevelDB-style log of protobuf ``Record`` messages: a 7-byte file header
 (``:W&B``, magic, version), then 32 KiB blocks of chunks, each with a 7-byte header (CRC32, length,
-type FULL / FIRST / MIDDLE / LAST). The evaluate and sample apps read a training run's identity
-from it; the tests read whole runs."""
+type FULL / FIRST / MIDDLE / LAST). Test support: the tests read whole runs back to check what a
+user sees; the apps never parse this private format (they read ``run.json``)."""
 
 from __future__ import annotations
 
@@ -40,14 +40,6 @@ def read_records(path: Path) -> Iterator[pb.Record]:
             record.ParseFromString(b"".join(chunks))
             yield record
             chunks = []
-
-
-def run_record(path: Path) -> pb.RunRecord:
-    """The run's identity (``run_id``, ``display_name``, ``run_group``, ``job_type``, ...)."""
-    for rec in read_records(path):
-        if rec.WhichOneof("record_type") == "run":
-            return rec.run
-    raise ValueError(f"{path} holds no run record")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 
-from diffusionlab.training.run_identity import NAME_EXCLUDE, hydra_config, run_group, run_name
+from diffusionlab.tracking.run_identity import NAME_EXCLUDE, hydra_config, run_group, run_name
 
 
 def wandb_is_logged_in() -> bool:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from diffusionlab.training.run_identity import run_config, run_group, run_name, swept_keys
+from diffusionlab.tracking.run_identity import run_config, run_group, run_name, swept_keys
 
 
 def _hydra(mode: str, task: list[str], tmp_path: Path) -> OmegaConf:

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from diffusionlab.training.secrets import is_secret_name, redact, redact_text, secret_values
+from diffusionlab.tracking.secrets import is_secret_name, redact, redact_text, secret_values
 
 # Override keys left out of run names: paths and logging plumbing, not experiment choices.
 NAME_EXCLUDE = (

@@ -1,6 +1,6 @@
 """W&B mode resolution: env wins, then login state; never offline=True."""
 
-from diffusionlab.training.loggers import resolve_wandb_mode
+from diffusionlab.tracking.loggers import resolve_wandb_mode
 
 
 def test_env_mode_wins(monkeypatch):
@@ -22,8 +22,8 @@ def test_finish_wandb_run_ends_each_run_also_on_error(monkeypatch, tmp_path):
     import pytest
     import wandb
 
-    from diffusionlab.training.loggers import finish_wandb_run
-    from diffusionlab.training.wandb_records import offline_runs
+    from app.wandb_log import offline_runs
+    from diffusionlab.tracking.loggers import finish_wandb_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
