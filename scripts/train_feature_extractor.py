@@ -1,7 +1,8 @@
 """Train the domain feature extractor for an embedded dataset and store it in the cache:
-``python scripts/train_feature_extractor.py dataset=mnist resolution=16 cache_dir=.cache``."""
+``python scripts/train_feature_extractor.py dataset=mnist resolution=16 cache_dir=.cache``
+(the same as ``dl-train-extractor``)."""
 
-from diffusionlab.evaluation.train_extractor import main
+from diffusionlab.cli.train_extractor import main
 
 if __name__ == "__main__":
     main()

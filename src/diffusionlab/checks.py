@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusionlab.errors import ConfigError
 
@@ -39,6 +39,18 @@ def number(
     if at_least is not None and not out >= at_least:
         raise ConfigError(f"{key}={value!r} must be >= {at_least:g}")
     return out
+
+
+def numbers(cfg: DictConfig, key: str) -> list[float]:
+    """``cfg.<key>``, one number or a non-empty list of them, as a list of floats."""
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"pass {key}=<value> or a list, e.g. {key}=[0.05,0.1]")
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, ListConfig):
+        return [float(number(cfg, key))]
+    if not value:
+        raise ConfigError(f"{key}=[] is empty")
+    return [float(number(OmegaConf.create({"v": v}), "v")) for v in value]
 
 
 def sampler_numbers(cfg: DictConfig, prefix: str = "sampler") -> None:

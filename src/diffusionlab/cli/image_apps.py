@@ -22,7 +22,7 @@ from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.images import load_images
 from diffusionlab.sampling.checkpoint import dataset_config, load_module, pick_device
 from diffusionlab.sampling.generator import DiffusionGenerator
-from diffusionlab.sampling.images import image_grid
+from diffusionlab.sampling.images import save_samples_png
 from diffusionlab.sampling.spec import SamplerSpec
 
 log = logging.getLogger(__name__)
@@ -117,15 +117,8 @@ def _from_path(path: str, shape: tuple[int, ...]) -> Tensor:
 def save_grid(rows: Tensor, path: Path, scale: int = 1) -> Path:
     """``rows`` [R, K, C, H, W] in [-1, 1] -> one PNG with R rows of K images, each pixel drawn as
     a ``scale`` x ``scale`` block."""
-    from torchvision.io import write_png
-
     r, k = rows.shape[:2]
-    grid = image_grid(rows.reshape(r * k, *rows.shape[2:]).cpu(), nrow=k)
-    if grid.shape[0] == 1:
-        grid = grid.expand(3, -1, -1)
-    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(grid, str(path))
+    save_samples_png(rows.reshape(r * k, *rows.shape[2:]).cpu(), path, nrow=k, scale=scale)
     log.info("wrote %s (%d x %d images)", path, r, k)
     return path
 

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffusionlab.checks import number
+from diffusionlab.checks import numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
@@ -18,25 +18,13 @@ from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstru
 log = logging.getLogger(__name__)
 
 
-def sigma_rels(cfg: DictConfig, key: str = "sigma_rel") -> list[float]:
-    """``cfg.<key>`` (one number or a list) as a list of floats."""
-    if OmegaConf.is_missing(cfg, key):
-        raise ConfigError(f"pass {key}=<EMA length> or a list, e.g. {key}=[0.05,0.1]")
-    value = OmegaConf.select(cfg, key)
-    if not isinstance(value, ListConfig):
-        return [float(number(cfg, key))]
-    if not value:
-        raise ConfigError(f"{key}=[] is empty")
-    return [float(number(OmegaConf.create({"v": v}), "v")) for v in value]
-
-
 def reconstruct_ema(cfg: DictConfig) -> list[Path]:
     """Write ``<out>/ema_<sigma_rel>.ckpt`` for each ``sigma_rel``; returns their paths."""
     if not cfg.run and not cfg.snapshots:
         raise ConfigError(
             "pass run=<training run folder> (or snapshots=<folder> with ckpt=<checkpoint>)"
         )
-    values = sigma_rels(cfg)
+    values = numbers(cfg, "sigma_rel")
     run = Path(cfg.run or Path(cfg.snapshots).parent).expanduser()
     snapshots = cfg.snapshots or run / SNAPSHOT_FOLDER
     ckpt = cfg.ckpt or run / "checkpoints" / "last.ckpt"

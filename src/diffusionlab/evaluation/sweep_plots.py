@@ -1,4 +1,5 @@
-"""Figures of a sweep: every job's loss curve in one plot, and their last sample grids side by side."""
+"""Figures of sweeps: a training sweep's loss curves in one plot and its last sample grids side by
+side (dl-compare); FID against NFE or EMA length (evaluate.py)."""
 
 from __future__ import annotations
 
@@ -72,4 +73,23 @@ def plot_sample_grids(jobs: list[Job], labels: list[str], path: Path, columns: i
             title += f"\nstep {int(step)}" if step.isdigit() else f"\n{job.samples.stem}"
         ax.set_title(title, fontsize=8)
     fig.savefig(path, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
+
+
+def plot_fid_curve(rows: list[dict], x: str, series: str | None, path: Path) -> None:
+    """FID against ``x`` on log-log axes, one line per value of ``series``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for name in dict.fromkeys(r[series] if series else None for r in rows):
+        pts = [(r[x], r["fid"]) for r in rows if series is None or r[series] == name]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE" if x == "nfe" else x)
+    ax.set_ylabel("FID")
+    if series:
+        ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)

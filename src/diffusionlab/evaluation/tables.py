@@ -25,3 +25,12 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows({c: "" if r[c] is None else r[c] for c in columns} for r in rows)
+
+
+def write_sweep_table(rows: list[dict], stem: Path) -> None:
+    """``<stem>.csv`` and a Markdown ``<stem>.md`` of a sweep (per-run metrics, plus FID's min /
+    mean / max over seed ranges when repeated)."""
+    write_csv(stem.with_suffix(".csv"), list(rows[0]), rows)
+    spread = {f"{k}_{s}" for k in rows[0] for s in ("min", "mean", "max") if f"{k}_min" in rows[0]}
+    keys = [k for k in rows[0] if k not in spread or k.startswith("fid_")]
+    stem.with_suffix(".md").write_text("\n".join(markdown_lines(keys, rows)) + "\n")

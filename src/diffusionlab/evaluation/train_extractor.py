@@ -1,11 +1,8 @@
-"""Train the domain feature extractor (a small digit classifier) and store it in the cache.
-
-``python scripts/train_feature_extractor.py dataset=mnist resolution=16 cache_dir=.cache``
-"""
+"""Train the domain feature extractor (a small digit classifier) and store it in the cache
+(the evaluator does on first use; ``dl-train-extractor`` on request)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -17,7 +14,6 @@ from diffusionlab.data import TensorImageDataset
 from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import DomainClassifier, domain_weights_path, uint8_to_unit
-from diffusionlab.evaluation.reference import load_dataset
 from diffusionlab.files import atomic_write
 from diffusionlab.sampling.images import to_uint8_rgb
 
@@ -113,23 +109,3 @@ def train_and_save(
     atomic_write(path, lambda f: torch.save(state, f))
     log.info("domain extractor %s: test accuracy %.4f in %.1fs", path, acc, time.time() - t0)
     return path, acc
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``key=value`` arguments ``dataset``, ``resolution``, ``cache_dir``, ``steps``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "overrides", nargs="*", help="dataset=mnist resolution=16 cache_dir=.cache steps=300"
-    )
-    args = dict(kv.split("=", 1) for kv in parser.parse_args(argv).overrides)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    name = args.get("dataset", "mnist")
-    data = load_dataset(name, int(args.get("resolution", 16)))
-    path, acc = train_and_save(
-        data, name, args.get("cache_dir", ".cache"), int(args.get("steps", 300))
-    )
-    print(f"saved {path} (test accuracy {acc:.4f})")
-
-
-if __name__ == "__main__":
-    main()

@@ -30,16 +30,17 @@ def image_grid(x: Tensor, nrow: int | None = None) -> Tensor:
     return make_grid(to_uint8(x), nrow=nrow, padding=1, pad_value=0)
 
 
-def save_samples_png(x: Tensor, path: Path, nrow: int | None = None) -> Path:
-    """Save an image grid (NCHW, ``nrow`` images per row, default square) or a scatter plot
-    (``[N, 2]`` points) as PNG."""
+def save_samples_png(x: Tensor, path: Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Save an image grid (NCHW, ``nrow`` images per row, default square; each pixel drawn as a
+    ``scale`` x ``scale`` block) or a scatter plot (``[N, 2]`` points) as PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 4:
         from torchvision.io import write_png
 
         grid = image_grid(x, nrow)
         if grid.shape[0] == 1:
-            grid = grid.expand(3, -1, -1).contiguous()
+            grid = grid.expand(3, -1, -1)
+        grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2).contiguous()
         write_png(grid, str(path))
     elif x.ndim == 2 and x.shape[1] == 2:
         import matplotlib

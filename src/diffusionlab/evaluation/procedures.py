@@ -1,0 +1,261 @@
+"""The evaluation procedures behind ``evaluate.py``, run from an :class:`EvaluationPlan`: metrics of
+one checkpoint (with an NFE sweep, recognition and bits/dim), of several checkpoints or post-hoc
+EMA lengths by EMA length, or of a folder of images. Results go to ``metrics.json`` and the sweep
+tables and plots beside it; the app sends them on to W&B."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.utils import instantiate
+from torch import Tensor
+
+from diffusionlab.data.datasets import TensorImageDataset, split_indices
+from diffusionlab.errors import ConfigError
+from diffusionlab.evaluation.bits_per_dim import bits_per_dim
+from diffusionlab.evaluation.evaluator import Evaluator, dataset_key, domain_extractor
+from diffusionlab.evaluation.images import load_images
+from diffusionlab.evaluation.plan import EvaluationPlan
+from diffusionlab.evaluation.recognition import generate_labelled, recognition_metrics
+from diffusionlab.evaluation.sweep_plots import plot_fid_curve
+from diffusionlab.evaluation.tables import write_sweep_table
+from diffusionlab.sampling.checkpoint import load_guide, load_module
+from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstructions
+from diffusionlab.training.module import DiffusionModule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    """What :func:`load` read and checked before anything runs: the checkpoints to score (the
+    post-hoc EMA reconstructions for ``ema_sigma_rels``), and for a single checkpoint its module,
+    guide, sampler spec and the NFE sweep's specs."""
+
+    ckpts: list[str]
+    module: DiffusionModule | None = None
+    guide: DiffusionModule | None = None
+    spec: SamplerSpec | None = None
+    sweep: list[SamplerSpec] = field(default_factory=list)
+
+
+def load(plan: EvaluationPlan) -> Loaded:
+    """Read and check everything the plan scores, so that a bad file or setting stops before a
+    result is logged: EMA reconstructions are written, a single checkpoint (and its guide) is
+    loaded, its sampler spec, the swept specs and the bits/dim method checked against it."""
+    if plan.images:
+        return Loaded([])
+    if plan.ema_sweep:
+        return Loaded(reconstructed_checkpoints(plan) if plan.ema_sigma_rels else list(plan.ckpts))
+    (ckpt,) = plan.ckpts
+    module = load_module(ckpt, plan.device)
+    guide = load_guide(plan.guide_ckpt, module)
+    spec = SamplerSpec.from_config(plan.sampler, ckpt=ckpt)
+    if plan.bpd.num_images and module.decoder is not None:
+        raise ConfigError("bpd.num_images: bits/dim needs a pixel-space model, not a latent one")
+    spec.check(module.schedule)
+    if plan.bpd.num_images and plan.bpd.method == "vlb":
+        param = module.denoiser.parameterization
+        if not (param.learned_variance and module.schedule.discrete):
+            raise ConfigError(
+                "bpd.method=vlb needs a model trained on a discrete schedule with "
+                f"parameterization.learned_variance=true (ckpt has {param}, {module.schedule})"
+            )
+    sweep = sweep_specs(plan, spec, ckpt)
+    for swept in sweep:
+        swept.check(module.schedule, "sweep.samplers")
+    return Loaded([ckpt], module, guide, spec, sweep)
+
+
+def reconstructed_checkpoints(plan: EvaluationPlan) -> list[str]:
+    """The single checkpoint's EMA rebuilt at each of ``ema_sigma_rels`` from its run's snapshots
+    (``<run>/ema_snapshots`` or ``ema_snapshots``) into ``<output_dir>/ema_reconstructed/``."""
+    (ckpt,) = plan.ckpts
+    snapshots = plan.ema_snapshots or Path(ckpt).resolve().parents[1] / SNAPSHOT_FOLDER
+    paths = write_reconstructions(
+        ckpt,
+        snapshots,
+        list(plan.ema_sigma_rels),
+        plan.output_dir / "ema_reconstructed",
+        keys=("ckpt", "ema_sweep.snapshots", "ema_sweep.sigma_rels"),
+    )
+    return [str(p) for p in paths]
+
+
+def sweep_specs(plan: EvaluationPlan, spec: SamplerSpec, ckpt: str) -> list[SamplerSpec]:
+    """The swept sampler specs: every sampler x grid (``sweep.grids``, default the discretization
+    of ``spec``; ``learned`` reads the grids fitted beside ``ckpt``) x NFE."""
+    grids = plan.sweep.grids or (spec.discretization,)
+    return [
+        SamplerSpec.from_config(
+            {"name": name, "nfe": nfe, "discretization": grid}, ckpt=ckpt, key="sweep"
+        )
+        for name in plan.sweep.samplers
+        for grid in grids
+        for nfe in plan.sweep.nfe
+    ]
+
+
+@dataclass
+class Curve:
+    """A sweep's rows and what to plot: FID against ``x``, one line per ``series``; ``table`` and
+    ``plot`` name them (``nfe_sweep`` / ``fid_vs_nfe``)."""
+
+    table: str
+    plot: str
+    rows: list[dict]
+    x: str
+    series: str | None
+
+
+@dataclass
+class Outcome:
+    """The result written to ``metrics.json`` and the sweep curves behind it."""
+
+    result: dict
+    curves: list[Curve] = field(default_factory=list)
+
+
+def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
+    """Run the plan; the result is also written to ``<output_dir>/metrics.json`` (``metrics``,
+    and ``sweep`` / ``ema_sweep`` rows, ``bpd`` when asked)."""
+    data = instantiate(plan.dataset)
+    s = plan.score
+    evaluator = Evaluator(
+        data,
+        dataset_key(plan.dataset._target_, plan.dataset.get("path")),
+        s.cache_dir,
+        extractor=s.extractor,
+        split=s.split,
+        inception_weights=s.inception_weights,
+        metrics=list(s.metrics),
+        extractor_steps=s.extractor_steps,
+        device=plan.device,
+    )
+    outdir = plan.output_dir
+    outdir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"dataset": evaluator.dataset, "split": s.split, "extractor": s.extractor}
+    curves: list[Curve] = []
+    if plan.images:
+        images = load_images(plan.images, int(data.images.shape[-1]))
+        result["images"] = plan.images
+        result["metrics"] = evaluator.score_images(images) if s.metrics else {}
+        if s.recognition:
+            floats = images[:, : data.images.shape[1]].float() / 127.5 - 1.0
+            result["metrics"].update(recognition(plan, evaluator, data, floats, None))
+    elif plan.ema_sweep:
+        rows, x = ema_sweep(plan, loaded.ckpts, evaluator)
+        best = min(rows, key=lambda r: r.get("fid", math.inf))
+        result.update(ckpt=best["ckpt"], num_samples=s.num_samples, ema_sweep=rows)
+        result["metrics"] = {k: v for k, v in best.items() if k not in ("ckpt", x)}
+        curves.append(Curve("ema_sweep", "fid_vs_ema", rows, x, None))
+    else:
+        module, spec = loaded.module, loaded.spec
+        ranges = s.seed_ranges
+        gen = DiffusionGenerator.from_module(
+            module, spec, plan.guidance, plan.use_ema, loaded.guide
+        )
+        result.update(ckpt=loaded.ckpts[0], sampler=spec.to_dict(), num_samples=s.num_samples)
+        if plan.guide_ckpt:
+            result["guide_ckpt"] = plan.guide_ckpt
+        result["metrics"] = (
+            evaluator.score_generator(gen, ranges, s.batch_size, plan.class_label, progress=True)
+            if s.metrics
+            else {}
+        )
+        if s.recognition:
+            images, labels = generate_labelled(gen, ranges[0], s.batch_size, plan.class_label)
+            result["metrics"].update(recognition(plan, evaluator, data, images, labels))
+        if loaded.sweep:
+            result["sweep"] = nfe_sweep(plan, loaded, evaluator)
+            curves.append(Curve("nfe_sweep", "fid_vs_nfe", result["sweep"], "nfe", "sampler"))
+        if plan.bpd.num_images:
+            result["bpd"] = bits_per_dim(plan.bpd, module, data, s.split, plan.use_ema)
+    (outdir / "metrics.json").write_text(json.dumps(result, indent=2))
+    log.info("metrics: %s -> %s", result["metrics"], outdir / "metrics.json")
+    return Outcome(result, curves)
+
+
+def recognition(
+    plan: EvaluationPlan,
+    evaluator: Evaluator,
+    data: TensorImageDataset,
+    images: Tensor,
+    labels: Tensor | None,
+) -> dict[str, float]:
+    """Recognition metrics of ``images`` (in [-1, 1]) by the domain classifier against the
+    held-out ``test`` split of ``data`` (evaluation/recognition.py); ``labels`` the requested
+    classes (for ``class_accuracy``) or None."""
+    s = plan.score
+    ext = evaluator.extractor
+    if s.extractor != "domain":
+        ext = domain_extractor(data, evaluator.dataset, s.cache_dir, s.extractor_steps, plan.device)
+    real = data.images[split_indices(len(data), "test")]
+    return recognition_metrics(
+        ext.net, images, real, ext.resolution, labels, s.recognition_threshold
+    )
+
+
+def nfe_sweep(plan: EvaluationPlan, loaded: Loaded, evaluator: Evaluator) -> list[dict]:
+    """Metrics for every swept (sampler, grid, NFE) with the plan's seeds; writes nfe_sweep.csv,
+    nfe_sweep.md and fid_vs_nfe.png (one line per sampler, or per sampler/grid when
+    ``sweep.grids`` has several)."""
+    rows = []
+    several = len(plan.sweep.grids) > 1
+    for spec in loaded.sweep:
+        gen = DiffusionGenerator.from_module(
+            loaded.module, spec, plan.guidance, plan.use_ema, loaded.guide
+        )
+        metrics = evaluator.score_generator(
+            gen, plan.score.seed_ranges, plan.score.batch_size, plan.class_label
+        )
+        name = spec.name + (f"/{spec.discretization}" if several else "")
+        rows.append({"sampler": name, "nfe": spec.nfe, **metrics})
+        log.info("sweep %s nfe=%d: %s", name, spec.nfe, metrics)
+    write_sweep_table(rows, plan.output_dir / "nfe_sweep")
+    plot_fid_curve(rows, "nfe", "sampler", plan.output_dir / "fid_vs_nfe.png")
+    return rows
+
+
+def ema_length(module: DiffusionModule) -> tuple[str, float]:
+    """The checkpoint's EMA length as (column, value): ``ema_halflife_kimg`` (EDM),
+    ``ema_decay`` (plain) or ``ema_sigma_rel`` (power: its sampling profile, the first),
+    from the training run's ``ema`` hyperparameters."""
+    ema = module.hparams.ema
+    if "sigma_rels" in ema:
+        return "ema_sigma_rel", float(ema["sigma_rels"][0])
+    for key in ("halflife_kimg", "decay"):
+        if key in ema:
+            return f"ema_{key}", float(ema[key])
+    raise ConfigError(f"cannot read an EMA length from the checkpoint's ema config {dict(ema)}")
+
+
+def ema_sweep(
+    plan: EvaluationPlan, ckpts: list[str], evaluator: Evaluator
+) -> tuple[list[dict], str]:
+    """Metrics of each checkpoint (same sampler and seeds) by EMA length, and the EMA column's
+    name; writes ema_sweep.csv, ema_sweep.md and fid_vs_ema.png. All checkpoints must use the
+    same kind of EMA."""
+    rows = []
+    for ckpt in ckpts:
+        module = load_module(ckpt, plan.device)
+        key, length = ema_length(module)
+        if rows and key not in rows[0]:
+            raise ConfigError(f"ckpt={ckpt!r} has {key}; the other checkpoints do not")
+        spec = SamplerSpec.from_config(plan.sampler, ckpt=ckpt)
+        gen = DiffusionGenerator.from_module(module, spec, plan.guidance, plan.use_ema)
+        metrics = evaluator.score_generator(
+            gen, plan.score.seed_ranges, plan.score.batch_size, plan.class_label
+        )
+        rows.append({"ckpt": ckpt, key: length, **metrics})
+        log.info("%s %s=%g: %s", ckpt, key, length, metrics)
+    rows.sort(key=lambda r: r[key])
+    write_sweep_table(rows, plan.output_dir / "ema_sweep")
+    plot_fid_curve(rows, key, None, plan.output_dir / "fid_vs_ema.png")
+    return rows, key
