@@ -1,4 +1,5 @@
-"""Sampling images/s at a given NFE: ``DiffusionModule.generate`` against a bare Heun loop.
+"""Sampling images/s at a given NFE: the generation path (``sampling.generator.generate``)
+against a bare Heun loop.
 
     python bench/sampling.py [--quick] [--device cpu] [--model unet_tiny] [--nfe 35] [--batch 64]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
@@ -56,25 +56,14 @@ def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
     denoise = DiffusionGenerator.from_module(module, spec, use_ema=bool(cfg.use_ema)).denoiser()
     schedule = module.schedule
     lo, hi = float(schedule.sigma_min), float(schedule.sigma_max)
-    f = cfg.fit
+    # fit.* are GridFitSettings fields (learn_ends: the bounds are the schedule's sigma range)
+    values = OmegaConf.to_container(cfg.fit, resolve=True)
+    learn_ends = values.pop("learn_ends")
     settings = GridFitSettings(
-        teacher=teacher.name,
-        teacher_nfe=int(f.teacher_nfe),
-        num_samples=int(f.num_samples),
-        num_validation=int(f.num_validation),
-        num_heldout=int(f.num_heldout),
-        init=str(f.init),
+        **{**values, "teacher": teacher.name, "dtype": dtype},
         sigma_min=lo,
         sigma_max=hi,
-        bounds=(lo, hi) if f.learn_ends else None,
-        radius=float(f.radius),
-        steps=int(f.steps),
-        lr=float(f.lr),
-        batch_size=int(f.batch_size),
-        eval_batch_size=int(f.eval_batch_size),
-        eval_every=int(f.eval_every),
-        seed=int(f.seed),
-        dtype=dtype,
+        bounds=(lo, hi) if learn_ends else None,
     )
     try:
         fit = fit_discretization(

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import ConfigError
+from diffusionlab.sampling.conditioning import condition_of
 from diffusionlab.sampling.generator import generate
 from diffusionlab.sampling.images import log_image, save_samples_png
 from diffusionlab.sampling.spec import SamplerSpec
@@ -69,10 +70,11 @@ class SampleGrid(L.Callback):
         self._guide_state: dict[str, Tensor] | None = None
 
     def _labels(self, pl_module: L.LightningModule) -> Tensor | None:
-        if pl_module.label_dim == 0:
+        """Encoded class ``i % label_dim`` for sample ``i``; None for unconditional models."""
+        condition = condition_of(pl_module)
+        if condition is None:
             return None
-        idx = torch.arange(self.n, device=pl_module.device) % pl_module.label_dim
-        return pl_module.one_hot(idx)
+        return condition.encode(torch.arange(self.n, device=pl_module.device) % pl_module.label_dim)
 
     def _guide_denoiser(self, pl_module: L.LightningModule) -> Denoiser | None:
         """The guide, rebuilt from the checkpoint state after a resume; None before it is taken."""
