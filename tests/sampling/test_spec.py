@@ -3,6 +3,8 @@ condition seam: a new condition kind is one subclass, nothing in the generator c
 
 from __future__ import annotations
 
+import copy
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ def test_from_config_fills_defaults_and_round_trips():
     edm = SamplerSpec.from_config(OmegaConf.load(Path(CONF_DIR) / "sampler" / "edm.yaml"))
     assert dict(edm.options) == {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
     assert SamplerSpec.from_config(edm.to_dict()) == edm and hash(edm) == hash(edm)
+    assert pickle.loads(pickle.dumps(edm)) == edm == copy.deepcopy(edm)  # DDP spawn pickles it
     assert edm.stochastic and not spec.stochastic
     with pytest.raises(TypeError):
         edm.options["S_churn"] = 0.0  # frozen, options included

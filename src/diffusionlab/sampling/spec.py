@@ -57,6 +57,10 @@ class SamplerSpec:
     def __hash__(self) -> int:  # options is a read-only mapping, hashed by its items
         return hash(repr(self.to_dict()))
 
+    def __reduce__(self) -> tuple:  # a read-only mapping does not pickle (DDP spawn, deepcopy)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return (type(self), tuple({**values, "options": dict(self.options)}.values()))
+
     @classmethod
     def from_config(
         cls,
