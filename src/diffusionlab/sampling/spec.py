@@ -106,11 +106,6 @@ class SamplerSpec:
         """A fresh :class:`Sampler` (it counts the NFE of its last run)."""
         return get_sampler(self.name, **self.options)
 
-    @property
-    def stochastic(self) -> bool:
-        """Whether the sampler draws noise with these options."""
-        return self.sampler().stochastic
-
     def sigmas_for(
         self,
         schedule: Any,
