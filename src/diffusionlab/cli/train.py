@@ -20,6 +20,7 @@ from diffusionlab.cli.objective import optimized_value
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
+from diffusionlab.data.lazy import fill_from_files
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.learned_grids import resolve_sampler
 from diffusionlab.training.checkpoint_io import check_resumable
@@ -88,6 +89,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
             f"dataset={cfg.dataset._target_} cannot be built from dataset.* "
             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
+    fill_from_files(cfg.dataset, dataset)  # dataset=zip etc.: resolution, channels from files
     label_dim = int(cfg.label_dim)
     if label_dim and label_dim != dataset.num_classes:
         raise ConfigError(

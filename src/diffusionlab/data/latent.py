@@ -23,8 +23,7 @@ from torch import Tensor
 
 from diffusionlab.data.datasets import TensorImageDataset
 from diffusionlab.errors import ConfigError
-from diffusionlab.networks.autoencoder import AutoencoderKL
-from diffusionlab.training.autoencoder import file_sha256, load_autoencoder
+from diffusionlab.networks.autoencoder import AutoencoderKL, file_sha256, load_autoencoder
 
 log = logging.getLogger(__name__)
 
