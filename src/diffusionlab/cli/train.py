@@ -55,7 +55,8 @@ def check_numbers(cfg: DictConfig) -> None:
     number(cfg, "data.batch_size", int, at_least=1)
     number(cfg, "trainer.max_steps", int, at_least=-1)
     number(cfg, "lr_warmup_steps", int, at_least=0)
-    number(cfg, "label_dim", int, at_least=0)
+    # dataset.num_classes null: the files decide (dataset=zip); checked again once they have
+    number(cfg, "label_dim", int, at_least=0, optional=cfg.dataset.get("num_classes", 0) is None)
     sampler_numbers(cfg)
     for key in cfg.get("augment") or {}:
         if key != "_target_":
@@ -90,7 +91,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
     fill_from_files(cfg.dataset, dataset)  # dataset=zip etc.: resolution, channels from files
-    label_dim = int(cfg.label_dim)
+    label_dim = int(number(cfg, "label_dim", int, at_least=0))
     if label_dim and label_dim != dataset.num_classes:
         raise ConfigError(
             f"label_dim={label_dim} but dataset {cfg.dataset._target_} has "

@@ -232,13 +232,13 @@ def _convert_one(i: int) -> Converted:
     return Converted(i, bits.getvalue(), out.shape[:2])
 
 
-def _results(n: int, num_workers: int) -> Iterator[Converted]:
-    if num_workers <= 1 or n < 64:
-        yield from map(_convert_one, range(n))
+def _results(order: list[int], num_workers: int) -> Iterator[Converted]:
+    if num_workers <= 1 or len(order) < 64:
+        yield from map(_convert_one, order)
         return
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(num_workers) as pool:
-        yield from pool.imap(_convert_one, range(n), chunksize=32)
+        yield from pool.imap(_convert_one, order, chunksize=32)
 
 
 def convert(
@@ -252,11 +252,15 @@ def convert(
     format: str | None = None,
     num_workers: int = 0,
     chunk_bytes: str = "64MB",
+    shuffle: bool | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> dict:
     """Convert ``source`` into ``dest``; returns a summary (images written, skipped, shape,
     classes). A source image that does not decode stops the conversion with its name, or with
-    ``skip_corrupt`` is left out with a warning."""
+    ``skip_corrupt`` is left out with a warning. ``shuffle`` (LitData only; the default there)
+    writes the images in a seeded random order, so that every chunk is a random sample of the
+    dataset (streaming mixes a few chunks at a time)."""
     from tqdm import tqdm
 
     if channels not in (1, 3):
@@ -271,6 +275,12 @@ def convert(
     src = open_source(source)
     labels = src.labels()
     n = len(src) if max_images is None else min(len(src), int(max_images))
+    shuffle = fmt == "litdata" if shuffle is None else bool(shuffle)
+    if shuffle and fmt != "litdata":
+        raise ConfigError(f"shuffle=true is for format=litdata; a {fmt} keeps the source order")
+    order = list(range(n))
+    if shuffle:
+        order = np.random.default_rng(seed).permutation(n).tolist()
     dest_path = Path(dest).expanduser()
     writer = (
         ZipWriter(dest_path)
@@ -284,7 +294,7 @@ def convert(
     skipped: list[str] = []
     first: tuple[int, ...] | None = None
     try:
-        results = _results(n, num_workers or 0)
+        results = _results(order, num_workers or 0)
         for r in tqdm(results, total=n, desc=f"convert -> {dest}", disable=not progress):
             if r.error is not None:
                 if not skip_corrupt:
@@ -323,6 +333,7 @@ def convert(
             "resolution": int(first[0]),
             "channels": channels,
             "num_classes": 0 if labels is None else int(labels.max()) + 1,
+            "shuffle_seed": seed if shuffle else None,
         }
         if fmt == "litdata":
             writer.close(metadata, info)

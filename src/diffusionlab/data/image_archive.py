@@ -120,7 +120,7 @@ class ImageArchive(LazyDataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def load(self, i: int) -> Tensor:
+    def load(self, i: int) -> tuple[Tensor, int]:
         data = self.index.read(i)
         try:
             arr = decode_image(data, self.mode)
@@ -133,7 +133,7 @@ class ImageArchive(LazyDataset):
                 f"{self.shape[1]}x{self.shape[2]}x{self.shape[0]} (from {self.index.names[0]!r}); "
                 "dl-dataset convert resolution=... makes them one size"
             )
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), self.label(i)
 
     def finish_batch(self, x: Tensor) -> Tensor:
         return uint8_to_float(x)

@@ -60,22 +60,21 @@ class LazyImages:
             idx = range(*idx.indices(len(self.dataset)))
         elif isinstance(idx, Tensor | np.ndarray):
             idx = np.asarray(idx).reshape(-1).tolist()
-        items = [self.dataset.raw_item(int(i))[0] for i in idx]
-        if not items:
-            return torch.empty(0, *self.dataset.shape)
-        return self.dataset.finish_batch(torch.stack(items))
+        items = [self.dataset[int(i)][0] for i in idx]
+        return torch.stack(items) if items else torch.empty(0, *self.dataset.shape)
 
 
 class LazyDataset(Dataset):
-    """Base of the lazy datasets: subclasses set ``shape``, ``num_classes``, ``label_array``
-    (int64 [N] or None) and implement ``load(i) -> Tensor`` (may raise :class:`CorruptFile`)."""
+    """Base of the lazy datasets: subclasses set ``shape``, ``num_classes`` and implement
+    ``load(i) -> (x, label)`` (may raise :class:`CorruptFile`); ``label_array`` (int64 [N] or
+    None) is the labels held in memory, when the dataset has them there."""
 
     shape: tuple[int, ...]
     num_classes: int
-    label_array: np.ndarray | None
+    label_array: np.ndarray | None = None
     skip_corrupt: bool = False
 
-    def load(self, i: int) -> Tensor:
+    def load(self, i: int) -> tuple[Tensor, int]:
         raise NotImplementedError
 
     def finish_batch(self, x: Tensor) -> Tensor:
@@ -91,7 +90,7 @@ class LazyDataset(Dataset):
         for k in range(n):
             j = (i + k) % n
             try:
-                return self.load(j), self.label(j)
+                return self.load(j)
             except CorruptFile as e:
                 if not self.skip_corrupt:
                     raise ConfigError(f"{e}; remove it or set dataset.skip_corrupt=true") from None
