@@ -114,6 +114,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
@@ -309,8 +310,9 @@ def convert(
                 first = r.shape
                 if first[0] != first[1]:
                     raise ConfigError(
-                        f"images are {first[1]}x{first[0]} after transform={transform or 'none'}; "
-                        "they must be square (set resolution=N transform=center-crop)"
+                        f"{src.name(r.index)} is {first[1]}x{first[0]} after "
+                        f"transform={transform or 'none'}; images must be square (set "
+                        "resolution=N transform=center-crop)"
                     )
             elif r.shape != first:
                 raise ConfigError(

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from diffusionlab.data.archive import CorruptFile
-from diffusionlab.data.convert import ZipWriter, FolderWriter, archive_name, open_source
+from diffusionlab.data.convert import FolderWriter, ZipWriter, archive_name, open_source
 from diffusionlab.errors import ConfigError
 from diffusionlab.networks.autoencoder import load_vae
 

@@ -57,12 +57,17 @@ class ImageArchive(LazyDataset):
 
     def __init__(
         self,
-        path: str,
+        path: str | None,
         resolution: int | None = None,
         channels: int | None = None,
         num_classes: int | None = None,
         skip_corrupt: bool = False,
     ) -> None:
+        if not path:
+            raise ConfigError(
+                "dataset.path: a value is required (for dataset=latents, dataset.source.path: "
+                "the images the latents encode, which evaluation compares samples with)"
+            )
         self.index = FileIndex(path, IMAGE_EXTENSIONS)
         self.path = Path(path)
         self.skip_corrupt = skip_corrupt
@@ -133,7 +138,7 @@ class ImageArchive(LazyDataset):
                 f"{self.shape[1]}x{self.shape[2]}x{self.shape[0]} (from {self.index.names[0]!r}); "
                 "dl-dataset convert resolution=... makes them one size"
             )
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), self.label(i)
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy()), self.label(i)
 
     def finish_batch(self, x: Tensor) -> Tensor:
         return uint8_to_float(x)

@@ -208,8 +208,7 @@ class StreamingImages(LazyDataset):
         if arr.shape != (self.shape[1], self.shape[2], self.shape[0]):
             raise ConfigError(f"sample {i} of {self.path!r} is {arr.shape}, not {self.shape}")
         label = int(item["label"]) if self.num_classes else -1
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy()), label
 
     def finish_batch(self, x: Tensor) -> Tensor:
         return uint8_to_float(x)
-
