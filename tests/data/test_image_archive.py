@@ -223,3 +223,27 @@ def test_loader_settings_follow_the_accelerator(tmp_path):
         DiffusionDataModule(lambda: None, num_workers="many")
     with pytest.raises(ConfigError, match="data.pin_memory"):
         DiffusionDataModule(lambda: None, pin_memory="yes")
+
+
+def test_nvlabs_edm_reads_the_same_pixels_and_labels(tmp_path):
+    """Needs DL_EDM_PATH pointing at a checkout of github.com/NVlabs/edm."""
+    import os
+    import sys
+
+    edm = os.environ.get("DL_EDM_PATH")
+    if not edm:
+        pytest.skip("DL_EDM_PATH not set")
+    sys.path.insert(0, edm)
+    try:
+        from training.dataset import ImageFolderDataset
+    finally:
+        sys.path.remove(edm)
+    path = write_dataset(tmp_path / "d.zip", IMAGES, LABELS)
+    theirs, ours = ImageFolderDataset(str(path), use_labels=True), ImageArchive(str(path))
+    assert len(theirs) == len(ours) and theirs.label_dim == ours.num_classes
+    for i in range(len(ours)):
+        image, onehot = theirs[i]
+        x, y = ours[i]
+        # EDM's training loop: images.to(float32) / 127.5 - 1
+        assert torch.equal(torch.from_numpy(image).float() / 127.5 - 1, x)
+        assert int(onehot.argmax()) == y
