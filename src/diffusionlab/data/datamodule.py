@@ -9,6 +9,7 @@ on the CPU, the main process (the default run's speed)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ class DiffusionDataModule(L.LightningDataModule):
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         settings = self.loader_settings(on_gpu, trainer.num_devices if trainer else 1)
         data = _Stored(self.dataset) if self.lazy else self.dataset
+        # workers fork (sharing the index copy-on-write) even in a rank started by spawn
+        # (ddp_spawn), whose default would start each worker as a new interpreter
+        fork = settings.num_workers and "fork" in multiprocessing.get_all_start_methods()
         return DataLoader(
             PositionedDataset(data, self.seed, self.hflip),
             batch_sampler=self.sampler(world, rank, step),
@@ -208,6 +212,7 @@ class DiffusionDataModule(L.LightningDataModule):
             pin_memory=settings.pin_memory,
             persistent_workers=settings.persistent_workers,
             prefetch_factor=settings.prefetch_factor,
+            multiprocessing_context="fork" if fork else None,
             # its own generator: creating the loader iterator must not consume the global RNG
             generator=torch.Generator().manual_seed(self.seed),
         )
