@@ -247,3 +247,25 @@ def test_nvlabs_edm_reads_the_same_pixels_and_labels(tmp_path):
         # EDM's training loop: images.to(float32) / 127.5 - 1
         assert torch.equal(torch.from_numpy(image).float() / 127.5 - 1, x)
         assert int(onehot.argmax()) == y
+
+
+def test_central_directory_reader_agrees_with_zipfile(tmp_path):
+    """zip64 members, a deflated member and bytes before the archive, as zipfile reads them."""
+    from diffusionlab.data.archive import central_directory
+
+    path = tmp_path / "z.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("a/plain.png", b"x" * 100)
+        z.writestr("b/deflated.png", b"y" * 1000, compress_type=zipfile.ZIP_DEFLATED)
+        with z.open("c/zip64.png", "w", force_zip64=True) as f:
+            f.write(b"z" * 50)
+        z.writestr("d/\u00e9t\u00e9.png", b"w")  # a UTF-8 name
+    prefixed = tmp_path / "p.zip"
+    prefixed.write_bytes(b"#!prefix\n" * 7 + path.read_bytes())
+    for p in (path, prefixed):
+        with zipfile.ZipFile(p) as z:
+            want = [(i.filename, i.header_offset, i.compress_size, i.compress_type, i.CRC)
+                    for i in z.infolist()]  # fmt: skip
+        assert central_directory(p) == want
+        index = FileIndex(p, [".png"])
+        assert [index.read(i) for i in range(4)] == [b"x" * 100, b"y" * 1000, b"z" * 50, b"w"]
