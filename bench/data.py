@@ -9,7 +9,8 @@ with ``transform=center-crop``, and the first ``--baseline-images`` of them as a
 ``image_folder``). For each loader, in fresh processes: start-up (dataset built + first batch
 with no workers), peak memory (PSS from /proc/<pid>/smaps_rollup, the process plus its DataLoader
 workers, sampled every 20 ms) with 1 and 2 DDP processes (gloo) reading 2-worker loaders, and
-loader images/s (float [-1, 1] batches ready for the model) with 0 and 2 workers.
+loader images/s (float [-1, 1] batches ready for the model) with 0 and 2 workers, all loaders in
+one process, interleaved round by round (the machine's load changes hit them alike).
 
 ``image_folder`` decodes every image into one float32 tensor at start-up; it runs on
 ``--baseline-images`` images (100,000 would need about 17 GB per process here: uint8 arrays,
@@ -204,13 +205,27 @@ def run_startup(args: argparse.Namespace) -> dict:
 
 
 def run_throughput(args: argparse.Namespace) -> dict:
-    _, batches = build(args.kind, args.path, args.workers, args.batch, 1, 0, args.edm_path)
-    for _ in range(args.warmup):
-        next(batches)
-    t = time.perf_counter()
-    for _ in range(args.batches):
-        next(batches)
-    return {"images_per_s": args.batch * args.batches / (time.perf_counter() - t)}
+    """Every loader in this one process, interleaved: ``--rounds`` rounds of ``--batches``
+    batches each, the loaders in turn, so a change in the machine's load hits them alike;
+    the median round per loader."""
+    loaders = json.loads(args.loaders)
+    for kind in loaders:
+        preload(kind, args.edm_path)
+    its = {
+        kind: build(kind, path, args.workers, args.batch, 1, 0, args.edm_path)[1]
+        for kind, path in loaders.items()
+    }
+    for it in its.values():
+        for _ in range(args.warmup):
+            next(it)
+    rounds: dict[str, list[float]] = {kind: [] for kind in its}
+    for _ in range(args.rounds):
+        for kind, it in its.items():
+            t = time.perf_counter()
+            for _ in range(args.batches):
+                next(it)
+            rounds[kind].append(args.batch * args.batches / (time.perf_counter() - t))
+    return {kind: {"images_per_s": float(np.median(r)), "rounds": r} for kind, r in rounds.items()}
 
 
 def _ddp_rank(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
@@ -279,7 +294,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/dl-bench-data"))
     ap.add_argument("--edm-path", type=str, default=None, help="a checkout of NVlabs/edm")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--batches", type=int, default=10, help="batches per timed round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per loader")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smoke mode: 600 images, small batches")
     ap.add_argument("--out", type=Path, default=None)
@@ -288,6 +304,7 @@ def main() -> None:
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--loaders", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         run = {"startup": run_startup, "throughput": run_throughput, "ddp": run_ddp}[args.one]
@@ -313,9 +330,13 @@ def main() -> None:
         r = {"images": count, **measure(kind, path, "startup", args)}
         for world in (1, 2):
             r[f"ddp{world}"] = measure(kind, path, "ddp", args, world=world)
-        for workers in (0, 2):
-            r[f"workers{workers}"] = measure(kind, path, "throughput", args, workers=workers)
         results[kind] = r
+    paths = json.dumps({kind: str(path) for kind, path, _ in loaders})
+    for workers in (0, 2):
+        out = measure("all", Path("."), "throughput", args, workers=workers, loaders=paths,
+                      rounds=args.rounds)  # fmt: skip
+        for kind, r in out.items():
+            results[kind][f"workers{workers}"] = r
     float_mb = n * 3 * RESOLUTION * RESOLUTION * 4 / 2**20
     scale = n / nb  # image_folder's start-up and memory grow linearly with the images
     rows = []
