@@ -98,8 +98,10 @@ def test_every_data_doc_command_runs(tmp_path):
             line += f" {TINY[app]}"
             if app.startswith("python"):
                 line += " paths.log_dir=logs paths.cache_dir=cache"
+        if line.startswith("python "):
+            line = line.replace("python ", f"{sys.executable} ", 1)
         line = line.replace("dl-dataset", f"{sys.executable} -m diffusionlab.cli.dataset", 1)
-        lines.append(line.replace("python ", f"{sys.executable} ", 1))
+        lines.append(line)
     assert sum("train.py" in line for line in lines) == 4
     for script in ("train.py", "sample.py"):
         (tmp_path / script).symlink_to(ROOT / script)
