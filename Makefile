@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/ddp.py
 	$(BIN)/python bench/edm_compare.py $(if $(EDM_PATH),--edm-path $(EDM_PATH))
+	$(BIN)/python bench/data.py $(if $(EDM_PATH),--edm-path $(EDM_PATH))
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/overhead.py --quick

@@ -107,7 +107,7 @@ PAPER = {
         "label_dim": 0,
     },
     "edm2_img64_s": {  # NVlabs/edm2 train_edm2.py preset edm2-img64-s, training_loop defaults
-        "dataset._target_": "diffusionlab.data.image_folder",
+        "dataset._target_": "diffusionlab.data.image_archive.ImageArchive",
         "dataset.resolution": 64,
         "dataset.num_classes": 1000,
         "label_dim": 1000,
@@ -246,8 +246,8 @@ def test_edm2_img64_without_its_folder_says_which_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         build(compose_train(args, tmp_path))
     assert user_message(e.value) == "dataset.path: a value is required (e.g. dataset.path=...)"
-    with pytest.raises(ConfigError, match=r"dataset.path='/nowhere/imagenet64' is not a dir"):
-        build(compose_train([*args, "dataset.path=/nowhere/imagenet64"], tmp_path))
+    with pytest.raises(ConfigError, match=r"dataset.path='/nowhere/img64.zip' does not exist"):
+        build(compose_train([*args, "dataset.path=/nowhere/img64.zip"], tmp_path))
 
 
 @pytest.mark.slow

@@ -120,3 +120,17 @@ def test_learned_grids_smoke_beats_the_grid_it_started_from():
         learned["error"] < start["error"] and learned["heldout_after"] <= learned["heldout_before"]
     )
     assert row["ratio"] == pytest.approx(learned["error"] / row["best_hand_made"]["error"])
+
+
+@pytest.mark.slow
+def test_data_smoke(tmp_path):
+    """bench/data.py --quick: 600 images made by dl-dataset convert, every loader measured."""
+    args = ["--quick", "--work", str(tmp_path / "work")]
+    if os.environ.get("DL_EDM_PATH"):
+        args += ["--edm-path", os.environ["DL_EDM_PATH"]]
+    res = run_bench("data", *args, timeout=1800)
+    zip_row = res["results"]["zip"]
+    assert res["images"] == 600 and zip_row["images"] == 600
+    assert zip_row["startup_s"] > 0 and zip_row["ddp2"]["peak_pss_mb"] > 0
+    assert all(zip_row[w]["images_per_s"] > 0 for w in ("workers0", "workers2"))
+    assert res["results"]["image_folder"]["images"] == 300

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from diffusionlab.data import digits
-from diffusionlab.networks.autoencoder import AutoencoderKL, LatentDecoder
+from diffusionlab.networks.autoencoder import AutoencoderKL, LatentDecoder, load_autoencoder
 from diffusionlab.training.autoencoder import (
     kl_divergence,
-    load_autoencoder,
     reconstruction_mse,
     save_autoencoder,
     split_held_out,

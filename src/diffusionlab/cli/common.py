@@ -68,6 +68,9 @@ def user_message(e: BaseException) -> str:
             return user_message(cause) + (f" ({where})" if where else "")
     if isinstance(e, OmegaConfBaseException):
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "\nOriginal Traceback" in str(e):  # re-raised from a DataLoader worker: its message
+        last = str(e).strip().splitlines()[-1]
+        return last.partition(": ")[2] or last
     text = _one_line(str(e).split("Config search path")[0])
     if isinstance(e, OverrideParseException):
         text = f"cannot parse override {e.override!r}: {text}"

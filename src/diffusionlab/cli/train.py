@@ -20,6 +20,7 @@ from diffusionlab.cli.objective import optimized_value
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
+from diffusionlab.data.lazy import fill_from_files
 from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.spec import SamplerSpec
 from diffusionlab.tracking.loggers import finish_wandb_run
@@ -55,7 +56,8 @@ def check_numbers(cfg: DictConfig) -> None:
     number(cfg, "data.batch_size", int, at_least=1)
     number(cfg, "trainer.max_steps", int, at_least=-1)
     number(cfg, "lr_warmup_steps", int, at_least=0)
-    number(cfg, "label_dim", int, at_least=0)
+    # dataset.num_classes null: the files decide (dataset=zip); checked again once they have
+    number(cfg, "label_dim", int, at_least=0, optional=cfg.dataset.get("num_classes", 0) is None)
     sampler_numbers(cfg)
     for key in cfg.get("augment") or {}:
         if key != "_target_":
@@ -89,7 +91,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
             f"dataset={cfg.dataset._target_} cannot be built from dataset.* "
             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
-    label_dim = int(cfg.label_dim)
+    fill_from_files(cfg.dataset, dataset)  # dataset=zip etc.: resolution, channels from files
+    label_dim = int(number(cfg, "label_dim", int, at_least=0))
     if label_dim and label_dim != dataset.num_classes:
         raise ConfigError(
             f"label_dim={label_dim} but dataset {cfg.dataset._target_} has "

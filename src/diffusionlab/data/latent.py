@@ -23,9 +23,8 @@ from torch import Tensor
 
 from diffusionlab.data.datasets import TensorImageDataset
 from diffusionlab.errors import ConfigError
-from diffusionlab.files import file_sha256
-from diffusionlab.networks.autoencoder import AutoencoderKL
-from diffusionlab.training.autoencoder import load_autoencoder
+from diffusionlab.files import atomic_write, file_sha256
+from diffusionlab.networks.autoencoder import AutoencoderKL, load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +83,8 @@ def cached_latents(path: Path, ae: AutoencoderKL, ae_sha: str, data: TensorImage
             return cached["latents"]
         log.warning("stale latent cache %s (other data or autoencoder): encoding again", path)
     latents = encode_images(ae, data.images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"latents": latents, "autoencoder_sha256": ae_sha, "data_sha256": data_sha}, tmp)
-    tmp.replace(path)
+    record = {"latents": latents, "autoencoder_sha256": ae_sha, "data_sha256": data_sha}
+    atomic_write(path, lambda f: torch.save(record, f))
     log.info("encoded %d images -> %s", len(latents), path)
     return latents
 

@@ -17,13 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusionlab.errors import CheckpointError, ConfigError
+from diffusionlab.errors import ConfigError
 from diffusionlab.files import atomic_write
 from diffusionlab.networks.autoencoder import AutoencoderKL
 
 log = logging.getLogger(__name__)
-
-ARCH_KEYS = ("in_channels", "latent_channels", "channels", "channel_mult", "num_res_blocks")
 
 
 def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -108,29 +106,3 @@ def save_autoencoder(path: Path, ae: AutoencoderKL, config: dict, meta: dict[str
     """``{"config": the AutoencoderKL arguments, "state_dict", "meta": how it was made}``."""
     state = {"config": config, "state_dict": ae.state_dict(), "meta": meta}
     atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_autoencoder(
-    path: str | Path, key: str = "dataset.autoencoder"
-) -> tuple[AutoencoderKL, dict]:
-    """The autoencoder in ``path`` (eval mode) and the file's contents; ``key`` names the config
-    key in messages."""
-    p = Path(path).expanduser()
-    where = f"{key}={str(path)!r}"
-    if not p.is_file():
-        raise ConfigError(
-            f"{where} does not exist; train one with dl-train-autoencoder (writes "
-            "<run>/autoencoder.ckpt)"
-        )
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        if set(ckpt["config"]) != set(ARCH_KEYS):
-            raise KeyError("config")
-        ae = AutoencoderKL(**ckpt["config"])
-        ae.load_state_dict(ckpt["state_dict"])
-    except Exception as e:  # any unreadable or foreign file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{where} is not an autoencoder written by dl-train-autoencoder ({first})"
-        ) from None
-    return ae.eval().requires_grad_(False), ckpt

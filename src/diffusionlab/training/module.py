@@ -73,11 +73,7 @@ class DiffusionModule(L.LightningModule):
         self.loss_buckets = [float(b) for b in loss_buckets]
         # latent diffusion (data/latent.py): the frozen decoder maps samples back to images
         self.decoder = (
-            None
-            if latent is None
-            else LatentDecoder(
-                latent["autoencoder"], latent["scale_factor"], latent["image_shape"]
-            ).requires_grad_(False)
+            None if latent is None else LatentDecoder.from_record(latent).requires_grad_(False)
         )
         self._rng_states: list[dict] | None = None
         self._samples_in_step = 0  # this rank's samples since the last optimizer step
