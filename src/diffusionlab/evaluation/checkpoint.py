@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusionlab.errors import CheckpointError, ConfigError
 from diffusionlab.evaluation.generator import DiffusionGenerator
+from diffusionlab.interop import is_pretrained, load_pretrained, pretrained_run_config
 from diffusionlab.training.checkpoint_io import read_checkpoint
 from diffusionlab.training.module import DiffusionModule
 
@@ -27,6 +28,8 @@ def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
     ``weights_only=True``; a file that does not hold the model its hparams describe is refused."""
     if not ckpt:
         raise ConfigError("ckpt=... is required (a Lightning checkpoint written by train.py)")
+    if is_pretrained(ckpt):  # an NVlabs pickle or a dl-export folder (diffusionlab.interop)
+        return load_pretrained(ckpt, device)
     state = read_checkpoint(ckpt, "ckpt", map_location=device)
     try:
         module = DiffusionModule(**state["hyper_parameters"])
@@ -42,6 +45,8 @@ def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
 
 def run_config(ckpt: str) -> DictConfig | None:
     """The resolved Hydra config of the training run (``<run>/.hydra/config.yaml``), if present."""
+    if is_pretrained(ckpt):  # what an exported folder records of its run (its dataset)
+        return pretrained_run_config(ckpt)
     for parent in Path(ckpt).resolve().parents[:3]:
         path = parent / ".hydra" / "config.yaml"
         if path.is_file():
@@ -51,11 +56,14 @@ def run_config(ckpt: str) -> DictConfig | None:
 
 def load_guide(guide_ckpt: str | None, module: DiffusionModule) -> DiffusionModule | None:
     """The autoguidance guide of ``guide_ckpt`` (None when unset), on ``module``'s device; it must
-    generate the same data shape with the same label dimension as ``module``."""
+    generate the same data shape with the same label dimension as ``module``, or be unconditional
+    (EDM2's guidance by a separate unconditional model)."""
     if not guide_ckpt:
         return None
     guide = load_module(guide_ckpt, module.device)
     for name in ("data_shape", "label_dim"):
+        if name == "label_dim" and guide.label_dim == 0:
+            continue
         if getattr(guide, name) != getattr(module, name):
             raise ConfigError(
                 f"guide_ckpt={guide_ckpt!r} has {name}={getattr(guide, name)} but ckpt has "
@@ -102,4 +110,5 @@ def module_generator(
         sigmas=sampler.get("sigmas"),
         decode=module.decoder,
         guide=_denoise(guide, use_ema) if guide is not None else None,
+        dtype=getattr(module, "sample_dtype", torch.float32),
     )

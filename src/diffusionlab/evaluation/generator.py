@@ -30,6 +30,7 @@ class DiffusionGenerator(GenerativeModelBase):
     standard normal ``z`` (``[B, z_size]``) and integer labels and returns uint8 RGB images.
     :meth:`generate` is the seeded path: noise and labels drawn per sample index (EDM generate.py).
     ``decode`` maps samples of ``shape`` to images (a latent model's decoder), after sampling.
+    ``dtype``: the sampler's working precision (float64 reproduces EDM generate.py's sampler).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class DiffusionGenerator(GenerativeModelBase):
         sigmas: Sequence[float] | None = None,
         decode: Callable[[Tensor], Tensor] | None = None,
         guide: Denoise | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.denoise = denoise
@@ -62,6 +64,7 @@ class DiffusionGenerator(GenerativeModelBase):
         self.guide = guide
         self.device = torch.device(device)
         self.decode = decode
+        self.dtype = dtype
 
     @property
     def z_size(self) -> int:
@@ -108,7 +111,7 @@ class DiffusionGenerator(GenerativeModelBase):
         x = sample(
             denoise,
             self.schedule,
-            noise.to(self.device),
+            noise.to(self.device, self.dtype),
             sampler=self.sampler,
             nfe=self.nfe,
             discretization=self.discretization,
@@ -126,22 +129,21 @@ class DiffusionGenerator(GenerativeModelBase):
     ) -> tuple[Tensor, Tensor | None, StackedRandomGenerator]:
         """Noise, labels and the per-sample generator for ``seeds``: row i depends on seeds[i] only.
 
-        Labels are drawn from each sample's generator after its noise (EDM generate.py) unless
-        ``class_label`` fixes them.
+        Labels are drawn from each sample's generator after its noise (EDM generate.py), also when
+        ``class_label`` then fixes them, so a stochastic sampler's noise that follows is EDM's.
         """
         gen = StackedRandomGenerator(seeds, device=self.device)
         noise = gen.randn((len(seeds), *self.shape))
         labels = None
         if self._num_classes:
-            if class_label is None:
-                labels = torch.cat(
-                    [
-                        torch.randint(self._num_classes, (1,), generator=g, device=self.device)
-                        for g in gen.generators
-                    ]
-                )
-            else:
-                labels = torch.full((len(seeds),), int(class_label), device=self.device)
+            labels = torch.stack(
+                [
+                    torch.randint(self._num_classes, (), generator=g, device=self.device)
+                    for g in gen.generators
+                ]
+            )
+            if class_label is not None:
+                labels = torch.full_like(labels, int(class_label))
         return noise, labels, gen
 
     def generate(self, seeds: Sequence[int], class_label: int | None = None) -> Tensor:
