@@ -22,11 +22,17 @@ from diffusionlab.errors import ConfigError
 
 
 def grid_path(ckpt: str | Path, sampler: str, nfe: int) -> Path:
-    """Where the grid fitted for ``sampler`` at ``nfe`` lives for checkpoint ``ckpt``."""
-    return Path(ckpt).expanduser().resolve().parent / "grids" / f"{sampler}_nfe{int(nfe)}.json"
+    """Where the grid fitted for ``sampler`` at ``nfe`` lives for checkpoint ``ckpt`` (inside
+    it when it is a folder: a ``dl-export`` model)."""
+    p = Path(ckpt).expanduser().resolve()
+    return (p if p.is_dir() else p.parent) / "grids" / f"{sampler}_nfe{int(nfe)}.json"
 
 
 def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (of a ``dl-export`` folder: of its ``model.safetensors``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -49,7 +49,6 @@ def load_pretrained(path: str | Path, device: object = "cpu", key: str = "ckpt")
     return to_module(read_pretrained(path, key), device, model_dir(path))
 
 
-
 def pretrained_run_config(path: str | Path):
     """What a model records of the run that trained it, as a run config (``dataset`` only), or
     None: an exported folder of a train.py run records its dataset config; a pickle, nothing we

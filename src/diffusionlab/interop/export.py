@@ -88,7 +88,9 @@ def write_export(model: Pretrained, dest: str | Path, overwrite: bool = False) -
     """Write ``model`` to the folder ``dest``; an existing non-empty ``dest`` needs ``overwrite``."""
     dest = Path(dest).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
-        raise ConfigError(f"dest={str(dest)!r} exists and is not empty (overwrite=true replaces it)")
+        raise ConfigError(
+            f"dest={str(dest)!r} exists and is not empty (overwrite=true replaces it)"
+        )
     dest.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": str(VERSION)}
     save_file(_contiguous(model.net_state), dest / WEIGHTS, metadata=meta)
@@ -117,7 +119,9 @@ def _yaml_safe(v: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- from a training run
-def from_checkpoint(path: str | Path, weights: str | float = "ema", key: str = "ckpt") -> Pretrained:
+def from_checkpoint(
+    path: str | Path, weights: str | float = "ema", key: str = "ckpt"
+) -> Pretrained:
     """The model of a train.py checkpoint: ``weights`` = ``ema`` (the sampling EMA), ``raw`` (the
     trained weights) or a ``sigma_rel`` of an ``ema=power`` run's profiles."""
     from diffusionlab.training.checkpoint_io import read_checkpoint
@@ -215,7 +219,9 @@ def add_metrics(model: Pretrained, path: str | Path) -> None:
         result = json.loads(p.read_text())
         metrics = dict(result["metrics"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"metrics={str(path)!r} is not an evaluate.py metrics.json ({e})") from None
+        raise ConfigError(
+            f"metrics={str(path)!r} is not an evaluate.py metrics.json ({e})"
+        ) from None
     record = {"metrics": metrics, "num_samples": result.get("num_samples")}
     for k in ("sampler", "dataset", "extractor", "split", "guide_ckpt"):
         if result.get(k) is not None:

@@ -57,6 +57,8 @@ def build_denoiser(model: Pretrained, device: torch.device | str = "cpu") -> Den
     """The denoiser ``D(x; sigma)`` of ``model`` in eval mode (its network holds ``net_state``)."""
     h = model.hparams
     schedule = instantiate(h["schedule"])
-    denoiser = Denoiser(instantiate(h["model"]), instantiate(h["parameterization"])(schedule=schedule))
+    denoiser = Denoiser(
+        instantiate(h["model"]), instantiate(h["parameterization"])(schedule=schedule)
+    )
     load_net_state(denoiser.net, model.net_state, model.info.get("source", "model"))
     return denoiser.eval().requires_grad_(False).to(device)

@@ -32,8 +32,10 @@ def to_module(model: Pretrained, device: Any = "cpu", near: str | Path = ".") ->
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{where}: its config does not build a model ({first})") from None
+    half = torch.float16 if model.info.get("use_fp16") else None
     for denoiser in (module.denoiser, module.ema, *module.ema_profiles):
         load_net_state(denoiser.net, model.net_state, where)
+        denoiser.cuda_net_dtype = half  # F in float16 on CUDA, as the NVlabs wrapper ran it
     if model.decoder_state is not None:
         if module.decoder is None:
             raise CheckpointError(f"{where} has decoder weights but no latent config")

@@ -194,7 +194,11 @@ def read_nvlabs(path: str | Path, key: str = "ckpt") -> Pretrained:
     net = _network_record(data, where)
     own, net_kwargs = _arguments(net, where)
     weights = state_dict(net)
-    res, channels, label_dim = int(own["img_resolution"]), int(own["img_channels"]), own["label_dim"]
+    res, channels, label_dim = (
+        int(own["img_resolution"]),
+        int(own["img_channels"]),
+        own["label_dim"],
+    )
     label_dim = int(label_dim or 0)
     info: dict[str, Any] = {
         "source": where,
@@ -279,7 +283,10 @@ def _edm_schedule(name: str, own: dict[str, Any]) -> tuple[dict[str, Any], dict[
             "sigma_min": max(EDM_SIGMA_MIN, float(own["sigma_min"])),
             "sigma_max": min(EDM_SIGMA_MAX, float(own["sigma_max"])),
         }
-        return schedule, {**_conf("parameterization", "edm"), "sigma_data": float(own["sigma_data"])}
+        return schedule, {
+            **_conf("parameterization", "edm"),
+            "sigma_data": float(own["sigma_data"]),
+        }
     if name == "VPPrecond":
         base = {
             "_target_": "diffusionlab.diffusion.schedules.VPSchedule",

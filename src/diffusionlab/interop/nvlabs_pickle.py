@@ -219,7 +219,9 @@ def read_pickle(path: str | Path, key: str = "ckpt") -> Any:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{where} is truncated or not a network pickle ({first})") from None
+            raise CheckpointError(
+                f"{where} is truncated or not a network pickle ({first})"
+            ) from None
 
 
 def module_state(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

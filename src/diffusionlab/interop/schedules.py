@@ -78,7 +78,7 @@ class VPPrecond(EpsParam):
 
     def c_noise(self, sigma: Tensor) -> Tensor:
         s = sigma.float()
-        t = ((self.beta_min**2 + 2 * self.beta_d * (1 + s**2).log()).sqrt() - self.beta_min)
+        t = (self.beta_min**2 + 2 * self.beta_d * (1 + s**2).log()).sqrt() - self.beta_min
         return (self.M - 1) * (t / self.beta_d)
 
     def __repr__(self) -> str:
