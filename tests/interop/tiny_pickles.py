@@ -37,18 +37,29 @@ def perturb(net: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Mod
     return net.eval()
 
 
-def tiny_network(name: str, res: int = 8, seed: int = 0) -> torch.nn.Module:
+def tiny_network(
+    name: str, res: int = 8, seed: int = 0, channels: int | None = None
+) -> torch.nn.Module:
     """Our network of config ``name`` with random (perturbed) weights."""
     _, cls, kw, _, label_dim, ch = CONFIGS[name]
+    ch = channels or ch
     torch.manual_seed(seed)
     extra = {"logvar_channels": 128} if cls is EDM2UNet else {"dropout": 0.0}
     return perturb(cls(res, ch, ch, label_dim=label_dim, **kw, **extra), seed + 1)
 
 
-def write_tiny(name: str, folder: Path, res: int = 8, seed: int = 0, file: str | None = None):
+def write_tiny(
+    name: str,
+    folder: Path,
+    res: int = 8,
+    seed: int = 0,
+    file: str | None = None,
+    channels: int | None = None,
+):
     """Write the pickle of config ``name`` into ``folder``; returns (path, our network)."""
     kind, cls, kw, pre_kw, label_dim, ch = CONFIGS[name]
-    net = tiny_network(name, res, seed)
+    ch = channels or ch
+    net = tiny_network(name, res, seed, ch)
     init = dict(img_resolution=res, img_channels=ch, label_dim=label_dim, **pre_kw, **kw)
     if kind == "Precond":
         init.update(use_fp16=True, logvar_channels=128)
