@@ -23,7 +23,7 @@ if os.environ.get("TF32") == "0":
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 SEEDS = list(range(int(os.environ.get("NSEEDS", 64))))
-RES = 32
+RES = int(os.environ.get("RES", 32))
 CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
 sys.path.insert(0, ROOT)
 

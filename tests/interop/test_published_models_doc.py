@@ -59,7 +59,9 @@ def test_every_published_models_doc_command_runs(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     # EDM's unconditional CIFAR-10 VP model: EDMPrecond + DDPM++ with augmentation labels
-    pkl, _ = write_tiny("edm_ddpmpp", models, channels=1, file="edm-cifar10-uncond.pkl")
+    pkl, _ = write_tiny(
+        "edm_ddpmpp", models, channels=1, label_dim=0, file="edm-cifar10-uncond.pkl"
+    )
     net, _ = write_tiny("edm2", models, file="edm2-img512-s-2147483-0.070.pkl")
     gnet, _ = write_tiny("edm2", models, seed=1, file="edm2-img512-xs-0134217-0.125.pkl")
     _tiny_vae(models / "sd-vae-ft-mse")

@@ -38,11 +38,16 @@ def perturb(net: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Mod
 
 
 def tiny_network(
-    name: str, res: int = 8, seed: int = 0, channels: int | None = None
+    name: str,
+    res: int = 8,
+    seed: int = 0,
+    channels: int | None = None,
+    label_dim: int | None = None,
 ) -> torch.nn.Module:
     """Our network of config ``name`` with random (perturbed) weights."""
-    _, cls, kw, _, label_dim, ch = CONFIGS[name]
+    _, cls, kw, _, labels, ch = CONFIGS[name]
     ch = channels or ch
+    label_dim = labels if label_dim is None else label_dim
     torch.manual_seed(seed)
     extra = {"logvar_channels": 128} if cls is EDM2UNet else {"dropout": 0.0}
     return perturb(cls(res, ch, ch, label_dim=label_dim, **kw, **extra), seed + 1)
@@ -55,11 +60,13 @@ def write_tiny(
     seed: int = 0,
     file: str | None = None,
     channels: int | None = None,
+    label_dim: int | None = None,
 ):
     """Write the pickle of config ``name`` into ``folder``; returns (path, our network)."""
-    kind, cls, kw, pre_kw, label_dim, ch = CONFIGS[name]
+    kind, cls, kw, pre_kw, labels, ch = CONFIGS[name]
     ch = channels or ch
-    net = tiny_network(name, res, seed, ch)
+    label_dim = labels if label_dim is None else label_dim
+    net = tiny_network(name, res, seed, ch, label_dim)
     init = dict(img_resolution=res, img_channels=ch, label_dim=label_dim, **pre_kw, **kw)
     if kind == "Precond":
         init.update(use_fp16=True, logvar_channels=128)
