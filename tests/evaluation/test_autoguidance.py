@@ -116,12 +116,14 @@ def test_class_grid_has_one_row_per_class(tiny_ckpts, tmp_path):
         ("cond", ["class_grid=true", "n=15"], "n=15 images must be a multiple of label_dim=10"),
         ("cond", ["class_grid=true", "n=20", "class_label=3"], "leave class_label=null"),
         ("uncond", ["class_grid=true"], "class_grid=true needs a class-conditional"),
-        ("cond", ["guide_ckpt=uncond"], "has label_dim=0 but ckpt has 10"),
+        # an unconditional guide of a conditional model is EDM2's guidance; the reverse is refused
+        ("uncond", ["guide_ckpt=cond"], "has label_dim=10 but ckpt has 0"),
         ("uncond", ["guidance=2"], "or a guide_ckpt"),
     ],
 )
 def test_sample_refuses_bad_grids_and_guides(tiny_ckpts, tmp_path, ckpt, overrides, message):
     overrides = [o.replace("=uncond", f"={tiny_ckpts['uncond']}") for o in overrides]
+    overrides = [o.replace("=cond", f"={tiny_ckpts['cond']}") for o in overrides]
     cfg = _sample_cfg(tmp_path, [f"ckpt={tiny_ckpts[ckpt]}", *overrides])
     with pytest.raises(ConfigError, match=message):
         sample(cfg)

@@ -32,7 +32,13 @@ def test_from_config_fills_defaults_and_round_trips():
     )
     assert SamplerSpec.from_config(None) == SamplerSpec() and SamplerSpec().name == "heun"
     edm = SamplerSpec.from_config(OmegaConf.load(Path(CONF_DIR) / "sampler" / "edm.yaml"))
-    assert dict(edm.options) == {"S_churn": 40.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.003}
+    assert dict(edm.options) == {
+        "S_churn": 40.0,
+        "S_tmin": 0.05,
+        "S_tmax": 50.0,
+        "S_noise": 1.003,
+        "noise_every_step": False,
+    }
     assert SamplerSpec.from_config(edm.to_dict()) == edm and hash(edm) == hash(edm)
     assert pickle.loads(pickle.dumps(edm)) == edm == copy.deepcopy(edm)  # DDP spawn pickles it
     assert edm.sampler().stochastic and not spec.sampler().stochastic

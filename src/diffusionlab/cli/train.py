@@ -22,6 +22,7 @@ from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
 from diffusionlab.data.lazy import fill_from_files
 from diffusionlab.errors import ConfigError
+from diffusionlab.interop.module import init_weights
 from diffusionlab.sampling.spec import SamplerSpec
 from diffusionlab.tracking.loggers import finish_wandb_run
 from diffusionlab.tracking.run_identity import run_config
@@ -160,6 +161,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resume_checkpoint(cfg)
     if ckpt_path:
         check_resumable(ckpt_path, "ckpt_path", module.hparams)
+    elif cfg.get("init_ckpt"):  # fine-tune: weights of a checkpoint, NVlabs pickle or export
+        init_weights(module, str(cfg.init_ckpt))
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(
             "trainer.accumulate_grad_batches is derived from data.batch_size (global batch) "

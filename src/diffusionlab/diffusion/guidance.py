@@ -17,8 +17,9 @@ from diffusionlab.diffusion.samplers import Denoise
 
 
 def _guided(d_cond: Tensor, d_uncond: Tensor, w: float, variance: Tensor | None) -> Tensor:
-    """D_uncond + w (D_cond - D_uncond), carrying the conditional iDDPM variance output."""
-    out = d_uncond + w * (d_cond - d_uncond)
+    """D_uncond + w (D_cond - D_uncond), carrying the conditional iDDPM variance output; as
+    ``torch.lerp`` (one rounding, and EDM2's generator's own formula)."""
+    out = torch.lerp(d_uncond, d_cond, w)
     if variance is not None:
         out.learned_variance = variance
     return out

@@ -22,8 +22,16 @@ from diffusionlab.files import atomic_write_text, file_sha256
 
 
 def grid_path(ckpt: str | Path, sampler: str, nfe: int) -> Path:
-    """Where the grid fitted for ``sampler`` at ``nfe`` lives for checkpoint ``ckpt``."""
-    return Path(ckpt).expanduser().resolve().parent / "grids" / f"{sampler}_nfe{int(nfe)}.json"
+    """Where the grid fitted for ``sampler`` at ``nfe`` lives for checkpoint ``ckpt`` (inside
+    it when it is a folder: a ``dl-export`` model)."""
+    p = Path(ckpt).expanduser().resolve()
+    return (p if p.is_dir() else p.parent) / "grids" / f"{sampler}_nfe{int(nfe)}.json"
+
+
+def _ckpt_sha256(ckpt: str | Path) -> str:
+    """SHA-256 of a checkpoint file (of a ``dl-export`` folder: of its ``model.safetensors``)."""
+    path = Path(ckpt)
+    return file_sha256(path / "model.safetensors" if path.is_dir() else path)
 
 
 def save_grid(path: str | Path, fit: GridFit, ckpt: str | Path | None = None) -> Path:
@@ -39,7 +47,7 @@ def save_grid(path: str | Path, fit: GridFit, ckpt: str | Path | None = None) ->
         "fit_seconds": fit.seconds,
         "settings": fit.settings,
         "ckpt": str(Path(ckpt).name) if ckpt else None,
-        "ckpt_sha256": file_sha256(ckpt) if ckpt else None,
+        "ckpt_sha256": _ckpt_sha256(ckpt) if ckpt else None,
     }
     return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
@@ -93,7 +101,7 @@ def resolve_sampler(
             f"nfe={record['nfe']} options={record.get('options') or {}}; it cannot be used with "
             f"sampler={name} nfe={nfe} options={options}: fit one with {fit_cmd}"
         )
-    if ckpt and record.get("ckpt_sha256") and record["ckpt_sha256"] != file_sha256(ckpt):
+    if ckpt and record.get("ckpt_sha256") and record["ckpt_sha256"] != _ckpt_sha256(ckpt):
         raise ConfigError(
             f"{key}.grid={str(path)!r} was fitted for another checkpoint ({record.get('ckpt')}), "
             f"not ckpt={str(ckpt)!r}: fit one with {fit_cmd}"

@@ -235,6 +235,10 @@ class Denoiser(nn.Module):
     attribute ``learned_variance``, so samplers that see only ``denoise(x, sigma)`` can use it.
     """
 
+    # F's input dtype on CUDA when set (None: its parameters' dtype); NVlabs ``use_fp16`` models
+    # run F in float16 on CUDA (interop/), as their preconditioning wrappers do
+    cuda_net_dtype: torch.dtype | None = None
+
     def __init__(self, net: nn.Module, parameterization: Parameterization) -> None:
         super().__init__()
         self.net = net
@@ -271,6 +275,8 @@ class Denoiser(nn.Module):
         c_skip, c_out, c_in = c_skip.view(shape), c_out.view(shape), c_in.view(shape)
         param = next(self.net.parameters(), None)
         net_dtype = x.dtype if param is None else param.dtype
+        if self.cuda_net_dtype is not None and x.device.type == "cuda":
+            net_dtype = self.cuda_net_dtype
         xw = x.to(work)
         out = self.net(
             (c_in * xw).to(net_dtype),

@@ -170,23 +170,28 @@ def edm(
     S_tmin: float = 0.0,
     S_tmax: float = float("inf"),
     S_noise: float = 1.0,
+    noise_every_step: bool = False,
 ) -> Tensor:
     """EDM Alg. 2: Heun's 2nd-order method with optional churn (stochastic when S_churn > 0);
-    the last step to sigma = 0 is Euler, so N steps cost 2N - 1 NFE."""
+    the last step to sigma = 0 is Euler, so N steps cost 2N - 1 NFE. Churn noise is drawn where
+    it is added (as EDM2's sampler); ``noise_every_step`` draws it at every step, also where
+    gamma = 0, as EDM's generate.py does, so each seed's noise stream and image equal EDM's."""
     n = len(sig) - 1
     for i in range(n):
         s, sn = sig[i], sig[i + 1]
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= s <= S_tmax else 0.0
-        s_hat = s * (1 + gamma)
+        s_hat = s + gamma * s
         if gamma > 0:
-            x = x + randn_like(x, gen) * (S_noise * math.sqrt(s_hat**2 - s**2))
+            x = x + math.sqrt(s_hat**2 - s**2) * S_noise * randn_like(x, gen)
+        elif noise_every_step:
+            randn_like(x, gen)  # drawn and unused, as EDM's x + 0 * noise
         den = m(x, s_hat)
         m.report(i, s_hat, x, den)
         d = (x - den) / s_hat
         x_next = x + (sn - s_hat) * d
         if sn > 0:
             d2 = (x_next - m(x_next, sn)) / sn
-            x_next = x + (sn - s_hat) * 0.5 * (d + d2)
+            x_next = x + (sn - s_hat) * (0.5 * d + 0.5 * d2)
         x = x_next
     return x
 

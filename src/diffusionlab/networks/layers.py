@@ -138,6 +138,13 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_channels: int, num_groups: int = 32, eps: float = 1e-5) -> None:
         super().__init__(min(num_groups, num_channels // 4), num_channels, eps=eps)
 
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        # float16 input, float32 weights (NVlabs use_fp16 models on CUDA): as EDM's GroupNorm
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.group_norm(x, self.num_groups, w, b, self.eps)
+
 
 class PositionalEmbedding(nn.Module):
     """Sinusoidal noise-level embedding of DDPM/Transformer (Vaswani et al. 2017, sec. 3.5)."""

@@ -10,6 +10,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from diffusionlab.errors import CheckpointError, ConfigError
+from diffusionlab.interop import is_pretrained, load_pretrained, pretrained_run_config
 from diffusionlab.training.checkpoint_io import read_checkpoint
 from diffusionlab.training.module import DiffusionModule
 
@@ -27,6 +28,8 @@ def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
     Every app and :func:`load_guide` load models here and nowhere else."""
     if not ckpt:
         raise ConfigError("ckpt=... is required (a Lightning checkpoint written by train.py)")
+    if is_pretrained(ckpt):  # an NVlabs pickle or a dl-export folder (diffusionlab.interop)
+        return load_pretrained(ckpt, device)
     state = read_checkpoint(ckpt, "ckpt", map_location=device)
     try:
         module = DiffusionModule(**state["hyper_parameters"])
@@ -42,11 +45,14 @@ def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:
 
 def load_guide(guide_ckpt: str | None, module: DiffusionModule) -> DiffusionModule | None:
     """The autoguidance guide of ``guide_ckpt`` (None when unset), on ``module``'s device; it must
-    generate the same data shape with the same label dimension as ``module``."""
+    generate the same data shape with the same label dimension as ``module``, or be unconditional
+    (EDM2's guidance by a separate unconditional model)."""
     if not guide_ckpt:
         return None
     guide = load_module(guide_ckpt, module.device)
     for name in ("data_shape", "label_dim"):
+        if name == "label_dim" and guide.label_dim == 0:
+            continue
         if getattr(guide, name) != getattr(module, name):
             raise ConfigError(
                 f"guide_ckpt={guide_ckpt!r} has {name}={getattr(guide, name)} but ckpt has "
@@ -57,6 +63,8 @@ def load_guide(guide_ckpt: str | None, module: DiffusionModule) -> DiffusionModu
 
 def run_config(ckpt: str) -> DictConfig | None:
     """The resolved Hydra config of the training run (``<run>/.hydra/config.yaml``), if present."""
+    if is_pretrained(ckpt):  # what an exported folder records of its run (its dataset)
+        return pretrained_run_config(ckpt)
     for parent in Path(ckpt).resolve().parents[:3]:
         path = parent / ".hydra" / "config.yaml"
         if path.is_file():

@@ -38,7 +38,8 @@ class DiffusionGenerator(GenerativeModelBase):
     value. ``guidance`` w != 1 applies classifier-free guidance (the condition's null input is the
     unconditional model), or autoguidance when ``guide`` (a weaker denoiser with the same
     signature, given the same condition) is set: D_guide + w (D - D_guide). ``decode`` maps
-    samples of ``shape`` to images (a latent model's decoder)."""
+    samples of ``shape`` to images (a latent model's decoder). ``dtype`` is the sampler's working
+    precision (float64 reproduces EDM generate.py's sampler)."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class DiffusionGenerator(GenerativeModelBase):
         device: torch.device | str = "cpu",
         decode: Callable[[Tensor], Tensor] | None = None,
         guide: CondDenoise | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.denoise = denoise
@@ -62,18 +64,19 @@ class DiffusionGenerator(GenerativeModelBase):
         self.guide = guide
         self.device = torch.device(device)
         self.decode = decode
+        self.dtype = dtype
 
     @classmethod
     def from_module(
         cls,
         module: DiffusionModule,
-        spec: SamplerSpec | None = None,
+        spec: SamplerSpec | dict | None = None,
         guidance: float = 1.0,
         use_ema: bool = True,
         guide: DiffusionModule | nn.Module | None = None,
     ) -> DiffusionGenerator:
         """The generator of a trained module's (EMA) denoiser, its condition kind, schedule, data
-        shape and decoder; ``guide`` is a weaker module (its EMA when ``use_ema``, see
+        shape and decoder (``spec`` a spec or sampler config; None: all defaults); ``guide`` is a weaker module (its EMA when ``use_ema``, see
         :func:`~diffusionlab.sampling.checkpoint.load_guide`) or denoiser for autoguidance."""
         condition = condition_of(module)
         if guidance != 1.0 and condition is None and guide is None:
@@ -88,11 +91,12 @@ class DiffusionGenerator(GenerativeModelBase):
             module.schedule,
             module.data_shape,
             condition,
-            spec,
+            None if spec is None else SamplerSpec.of(spec),
             guidance,
             module.device,
             module.decoder,
             None if guide is None else conditioned(guide, condition),
+            getattr(module, "sample_dtype", torch.float32),
         )
 
     # ------------------------------------------------------------------ torch-fidelity
@@ -130,15 +134,14 @@ class DiffusionGenerator(GenerativeModelBase):
     ) -> tuple[Tensor, Tensor | None, StackedRandomGenerator]:
         """Noise, conditions and the per-sample generator for ``seeds``: row i depends on seeds[i]
         only. Conditions are drawn from each sample's generator after its noise (EDM
-        generate.py) unless ``class_label`` fixes them; None for unconditional models."""
+        generate.py), also when ``class_label`` then fixes them, so a stochastic sampler's noise
+        that follows is EDM's; None for unconditional models."""
         noise, gen = self.seeded_noise(seeds)
         labels = None
         if self.condition is not None:
-            labels = (
-                self.condition.draw(gen, self.device)
-                if class_label is None
-                else self.condition.fixed(class_label, len(seeds), self.device)
-            )
+            labels = self.condition.draw(gen, self.device)
+            if class_label is not None:
+                labels = self.condition.fixed(class_label, len(seeds), self.device)
         return noise, labels, gen
 
     def encode(self, labels: Tensor | None) -> Tensor | None:
@@ -173,7 +176,10 @@ class DiffusionGenerator(GenerativeModelBase):
         """Run the sampler from standard-normal ``noise`` [B, *shape] with the encoded condition
         ``cond`` (then ``decode``); images in [-1, 1]."""
         x = self.spec.sample(
-            self.denoiser(cond), self.schedule, noise.to(self.device), generator=generator
+            self.denoiser(cond),
+            self.schedule,
+            noise.to(self.device, self.dtype),
+            generator=generator,
         )
         return x if self.decode is None else self.decode(x)
 
