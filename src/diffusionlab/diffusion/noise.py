@@ -1,4 +1,10 @@
-"""Per-sample-seeded noise, so images do not depend on batch size or world size (EDM generate.py)."""
+"""Per-sample-seeded noise, so images do not depend on batch size or world size (EDM generate.py).
+
+Two kinds (:func:`noise_generator`): ``per_seed``, EDM's ``StackedRandomGenerator`` (one
+``torch.Generator`` per image: NVlabs' images for the same seeds), and ``batched``, the
+counter-based :class:`~diffusionlab.diffusion.batched_rng.BatchedGenerator` (the whole batch in
+a few kernels on the device; other numbers for the same seeds).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
+from diffusionlab.errors import ConfigError
 
 
 class StackedRandomGenerator:
@@ -37,16 +46,33 @@ class StackedRandomGenerator:
         return self.randn(x.shape, dtype=x.dtype).to(x.device)
 
 
-Generator = torch.Generator | StackedRandomGenerator | None
+Generator = torch.Generator | StackedRandomGenerator | BatchedGenerator | None
 
 
 def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     """Standard normal noise shaped like ``x`` from a ``torch.Generator``, a per-sample
-    ``StackedRandomGenerator``, or the global RNG when ``generator`` is None."""
+    ``StackedRandomGenerator`` or ``BatchedGenerator``, or the global RNG when ``generator`` is
+    None."""
     if generator is None:
         return torch.randn_like(x)
-    if isinstance(generator, StackedRandomGenerator):
+    if isinstance(generator, StackedRandomGenerator | BatchedGenerator):
         return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(
         x.device
     )
+
+
+NOISE_KINDS = ("per_seed", "batched")
+
+
+def noise_generator(
+    kind: str, seeds: Sequence[int], device: torch.device | str = "cpu"
+) -> StackedRandomGenerator | BatchedGenerator:
+    """The per-image noise source of a sampling run: ``per_seed`` (EDM's one generator per
+    seed, the default) or ``batched`` (counter-based, drawn for the batch on ``device``). Both
+    give each image the same noise whatever batch it is generated in."""
+    if kind == "per_seed":
+        return StackedRandomGenerator(seeds, device=device)
+    if kind == "batched":
+        return BatchedGenerator.from_seeds(seeds, device=device)
+    raise ConfigError(f"sampler.noise={kind!r}: unknown; valid kinds: {', '.join(NOISE_KINDS)}")
