@@ -13,14 +13,13 @@ from omegaconf import OmegaConf
 
 from diffusionlab.data.augment import (
     AugmentPipe,
-    augment_seeds,
     check_augment,
     rotate2d,
     scale2d,
     translate2d,
     warp,
 )
-from diffusionlab.diffusion.noise import StackedRandomGenerator
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -36,8 +35,8 @@ COLUMNS = {
 }
 
 
-def gen(seeds) -> StackedRandomGenerator:
-    return StackedRandomGenerator(augment_seeds(list(seeds)))
+def gen(seeds) -> BatchedGenerator:
+    return BatchedGenerator.from_seeds(list(seeds))
 
 
 def images(n: int = 32, c: int = 1, h: int = 8, w: int = 8) -> torch.Tensor:
