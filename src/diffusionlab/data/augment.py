@@ -44,6 +44,9 @@ SYM6 = (
 _SYM6_DELAY = sum(k * h for k, h in enumerate(SYM6)) / sum(SYM6) - (len(SYM6) - 1) // 2
 _MARGIN = len(SYM6) // 4  # extra pixels each side so the filters see no output border
 
+# devices where only the samples that moved are warped (a data-dependent branch, read on the
+# host); elsewhere every sample is warped and the moved ones kept, so nothing waits for the device
+SELECTIVE_WARP_DEVICES = {"cpu"}
 # fixed per-sample draws: uniforms and normals, one slot per use (see AugmentPipe.draw)
 _NUM_UNIFORM = 16
 _NUM_NORMAL = 4
@@ -208,7 +211,7 @@ class AugmentPipe:
         warps = (self.scale, self.rotate_frac, self.aniso, self.translate_frac)
         if any(m > 0 for m in warps):
             moved = (g_inv - eye).abs().amax(dim=(1, 2)) > 0
-            if dev.type == "cpu":  # warp only the samples that moved (a host branch is free)
+            if dev.type in SELECTIVE_WARP_DEVICES:  # warp only the samples that moved
                 if moved.any():
                     idx = moved.nonzero().squeeze(1)
                     warped = warp(images.index_select(0, idx), g_inv[moved])
