@@ -129,7 +129,7 @@ def test_a_row_is_the_same_in_any_batch():
         lambda g: g.bits((2, 5), 4),
         lambda g: g.uniform((7,), 3),
         lambda g: g.normal((1, 9, 9), 2),
-        lambda g: g.dropout(torch.ones(len(g), 4, 6), 0.3, 8),
+        lambda g: g.dropout(torch.ones(len(g), 3, 5), 0.3, 8),  # odd: 15 per row
     ):
         full = draw(gen)
         assert torch.equal(draw(other), full[perm])

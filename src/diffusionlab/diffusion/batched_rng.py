@@ -125,13 +125,19 @@ class BatchedGenerator:
         return (z if n == 2 * pairs else z[:, :n]).reshape(len(self), *shape)
 
     def dropout(self, x: Tensor, p: float, stream: int) -> Tensor:
-        """``x`` (``[B, ...]``) with each element zeroed with probability ``p`` and the rest
-        scaled by ``1 / (1 - p)`` (inverted dropout, Srivastava et al. 2014)."""
+        """``x`` (``[B, ...]``) with each element zeroed with probability ``p`` (to 2^-16) and
+        the rest scaled by ``1 / (1 - p)`` (inverted dropout, Srivastava et al. 2014). Element
+        ``2k`` reads the low and ``2k + 1`` the high 16 bits of counter ``k``: half the integer
+        work of one counter per element."""
         if x.shape[0] != len(self):
             raise ValueError(f"batch size {x.shape[0]} != number of keys {len(self)}")
         if p >= 1:
             return torch.zeros_like(x)
-        keep = self.bits(x.shape[1:], stream) >= round(p * 2.0**32)
+        n = math.prod(x.shape[1:])
+        h = self.bits(((n + 1) // 2,), stream)
+        threshold = round(p * 65536.0)
+        keep = torch.stack([(h & 0xFFFF) >= threshold, (h >> 16) >= threshold], dim=-1)
+        keep = keep.view(len(self), -1)[:, :n].reshape(x.shape)
         return torch.where(keep, x, 0.0) * (1.0 / (1.0 - p))
 
     # ------------------------------------------------------------------ torch-like calls
