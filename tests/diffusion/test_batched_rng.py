@@ -211,3 +211,17 @@ def test_noise_kinds_are_which_generator():
     assert torch.equal(batched.randn((2, 5)), BatchedGenerator(mix_seeds([3, 4])).normal((5,), 0))
     with pytest.raises(ConfigError, match="sampler.noise='philox'"):
         noise_generator("philox", [0])
+
+
+def test_randint_is_uniform_over_classes_and_per_sample():
+    """Class labels for conditional sampling: every class about equally often (chi-square),
+    the next stream in order, row i the same in any batch."""
+    gen = BatchedGenerator(KEYS)
+    labels = gen.randint(10, (64, 500))
+    assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() < 10
+    counts = torch.bincount(labels.flatten(), minlength=10).double()
+    chi2 = float(((counts - counts.mean()) ** 2 / counts.mean()).sum())
+    assert stats.chi2.sf(chi2, 9) > 1e-3
+    assert torch.equal(labels, (gen.bits((500,), 0) * 10) >> 32)  # first call: stream 0
+    part = BatchedGenerator(KEYS[10:20]).randint(10, (10, 500))
+    assert torch.equal(part, labels[10:20])

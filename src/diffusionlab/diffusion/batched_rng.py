@@ -162,6 +162,14 @@ class BatchedGenerator:
     def randn_like(self, x: Tensor) -> Tensor:
         return self.randn(x.shape, dtype=x.dtype).to(x.device)
 
+    def randint(self, high: int, size: Sequence[int]) -> Tensor:
+        """Integers in ``[0, high)`` of ``size`` (``size[0]`` = batch) from the next stream:
+        ``(bits * high) >> 32`` (Lemire 2019; bias below ``high / 2^32``), e.g. class labels."""
+        self._check(size)
+        if not 0 < high < 1 << 31:
+            raise ValueError(f"high={high} outside [1, 2^31)")
+        return (self.bits(size[1:], self._next_stream()) * high) >> 32
+
 
 _ACTIVE: ContextVar[BatchedGenerator | None] = ContextVar("batched_generator", default=None)
 
