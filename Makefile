@@ -35,6 +35,7 @@ EDM_PATH ?=
 bench: $(STAMP)
 	$(BIN)/python bench/samplers.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/host_overhead.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/ddp.py
@@ -43,6 +44,7 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/overhead.py --quick
+	$(BIN)/python bench/host_overhead.py --quick
 	$(BIN)/python bench/throughput.py --quick
 	$(BIN)/python bench/sampling.py --quick
 	$(BIN)/python bench/ddp.py --quick
@@ -50,6 +52,7 @@ bench-quick: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/overhead.py --device cuda
+	$(BIN)/python bench/host_overhead.py --device cuda
 	$(BIN)/python bench/throughput.py --device cuda --models unet_ddpmpp --batch 128 \
 		--precisions 32-true bf16-mixed --compile --warmup 20 --steps 50
 	$(BIN)/python bench/sampling.py --device cuda --model unet_ddpmpp --resolution 32 --channels 3 \

@@ -101,7 +101,9 @@ class OurStep:
         factory = instantiate(module.hparams.optimizer)
         params = list(module.parameters())
         # the kernels DiffusionModule.configure_optimizers picks under Lightning at this precision
-        kernels = fast_optimizer_options(factory, params, allow_fused=not (amp and clip))
+        # (fused unless float16 loss scaling meets gradient clipping)
+        half = precision in ("16-mixed", "16")
+        kernels = fast_optimizer_options(factory, params, allow_fused=not (half and clip))
         self.optimizer = factory(params=params, **kernels)
         self.step_count = 0
 

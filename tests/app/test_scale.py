@@ -6,9 +6,12 @@ noise per sample (data/sampler.py), and the DDP gradient is the mean over ranks 
 of equal-sized micro-batches, i.e. the global-batch mean. They are not bitwise equal: the
 gradient is summed in another order (per micro-batch, then across ranks by all-reduce), and
 convolutions on 8 vs 16 images may pick other kernels; float32 rounding then differs in the last
-bits. Adam divides by sqrt(v), which can magnify that for near-zero gradient entries. Measured
-after 3 steps (lr 1e-3, weights of order 0.1): at most 5.5e-7 on any weight, EMA weight or Adam
-moment, against 0.8 for another seed; the tests allow 5e-6.
+bits. Adam divides by sqrt(v), which can magnify that for near-zero gradient entries. The runs
+use dropout and class-label dropout: each sample's masks come from its own streams of the
+batched generator, as its sigma and noise do. Measured after 3 steps (lr 1e-3, weights of order
+0.1): at most 1.5e-6 on any weight, EMA weight or Adam moment for accumulation (5.5e-7 without
+dropout), against 4e-3 when the masks come from the process RNG and 0.8 for another seed; the
+tests allow 5e-6.
 """
 
 from pathlib import Path
@@ -26,8 +29,16 @@ ATOL = 5e-6
 
 
 def _overrides(tmp_path: Path) -> list[str]:
-    # lr warm-up off so the first steps move the weights by the full learning rate
-    return [*fast_overrides(tmp_path), "data.batch_size=16", "lr_warmup_steps=0"]
+    # lr warm-up off so the first steps move the weights by the full learning rate; dropout and
+    # class-label dropout on: their masks are per sample too (networks/layers.py)
+    return [
+        *fast_overrides(tmp_path),
+        "data.batch_size=16",
+        "lr_warmup_steps=0",
+        "model.dropout=0.2",
+        "label_dim=10",
+        "model.label_dropout=0.2",
+    ]
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

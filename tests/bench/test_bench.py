@@ -48,6 +48,20 @@ def test_overhead_smoke():
     assert best["bare"] == pytest.approx(res["images_per_s"]["bare"][0])
 
 
+def test_host_overhead_smoke_counts_random_number_calls():
+    """docs/performance.md: python bench/host_overhead.py (smoke mode). The framework step
+    calls no torch random-number operator and as many operators at batch 8 as at 16; the bare
+    step's two ``torch.randn`` are two."""
+    res = run_bench("host_overhead", "--quick")
+    counts = res["counts"]
+    assert set(counts) == {"bare", "framework", "framework + augment"}
+    assert counts["bare"]["8"]["rng_calls"] == counts["bare"]["16"]["rng_calls"] == 2
+    for side in ("framework", "framework + augment"):
+        assert counts[side]["8"] == counts[side]["16"] and counts[side]["8"]["rng_calls"] == 0
+    assert all(v > 0 for v in res["best_host_ms"].values())
+    assert res["extra_host_ms"]["bare"] == 0
+
+
 def test_throughput_smoke_counts_the_known_flops():
     args = ["--threads", "1", "--models", "unet_tiny", "--resolution", "16", "--channels", "1"]
     args += ["--batch", "64"]

@@ -11,16 +11,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import diffusionlab.data.augment as augment
 from diffusionlab.data.augment import (
     AugmentPipe,
-    augment_seeds,
     check_augment,
     rotate2d,
     scale2d,
     translate2d,
     warp,
 )
-from diffusionlab.diffusion.noise import StackedRandomGenerator
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -36,8 +36,8 @@ COLUMNS = {
 }
 
 
-def gen(seeds) -> StackedRandomGenerator:
-    return StackedRandomGenerator(augment_seeds(list(seeds)))
+def gen(seeds) -> BatchedGenerator:
+    return BatchedGenerator.from_seeds(list(seeds))
 
 
 def images(n: int = 32, c: int = 1, h: int = 8, w: int = 8) -> torch.Tensor:
@@ -229,3 +229,19 @@ def test_edm_config_matches_edm_cifar10_settings():
     assert (pipe.rotate_int, pipe.translate_int) == (0, 0)
     assert cfg.model.augment_dim == pipe.label_dim == 9
     assert math.isclose(pipe.translate_frac_std, 0.125) and math.isclose(pipe.scale_std, 0.2)
+
+
+def test_device_path_warps_all_and_keeps_the_moved_ones(monkeypatch):
+    """Off the CPU every image goes through the warp and the unmoved ones keep their input (no
+    data-dependent branch); the result is the CPU path's: unmoved images bit for bit, warped
+    ones to float rounding."""
+    x = images(24, c=3, h=16, w=16)
+    pipe = AugmentPipe(p=0.3, **EDM)
+    selective, labels = pipe(x, gen(range(24)))
+    monkeypatch.setattr(augment, "SELECTIVE_WARP_DEVICES", set())
+    every, labels_all = pipe(x, gen(range(24)))
+    assert torch.equal(labels_all, labels)
+    unmoved = ~labels[:, 2:].any(dim=1)  # no scale, rotation, anisotropy or fractional shift
+    assert 0 < int(unmoved.sum()) < 24
+    assert torch.equal(every[unmoved], selective[unmoved])
+    torch.testing.assert_close(every, selective, rtol=0, atol=1e-5)

@@ -347,8 +347,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 @pytest.mark.parametrize("path", sorted((CONF / "sampler").glob("*.yaml")), ids=lambda p: p.stem)
 def test_sampler_configs_build_and_run(gauss, path):
     cfg = OmegaConf.to_container(OmegaConf.load(path))
-    assert set(cfg) == {"name", "nfe", "discretization", "grid", "options"}
-    assert cfg["name"] == path.stem and cfg["grid"] is None
+    assert set(cfg) == {"name", "nfe", "discretization", "grid", "noise", "options"}
+    assert cfg["name"] == path.stem and cfg["grid"] is None and cfg["noise"] == "per_seed"
     smp = S.get_sampler(cfg["name"], **cfg["options"])
     nfe = 6 if cfg["name"] in GRID_SAMPLERS else S.nfe_for_steps(cfg["name"], 2, **cfg["options"])
     sig = S.sigmas_for_nfe(
@@ -369,6 +369,7 @@ def test_hydra_override_selects_sampler_and_nfe():
         "nfe": 20,
         "discretization": "karras",
         "grid": None,
+        "noise": "per_seed",
         "options": {},
     }
 

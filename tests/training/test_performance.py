@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 
@@ -65,12 +66,32 @@ def test_train_app_stops_on_float16_cpu(tmp_path):
         train(compose_train(overrides, tmp_path))
 
 
+class ClipCheck(L.Callback):
+    """Test-only: records the optimizer kind and the gradient norm after clipping."""
+
+    seen: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        ClipCheck.seen.setdefault("norms", []).append(float(norm))
+        ClipCheck.seen["fused"] = trainer.optimizers[0].defaults["fused"]
+
+
 def test_bf16_mixed_trains_on_cpu(tmp_path):
-    """bf16 autocast with gradient clipping (so a foreach, not fused, Adam) trains on CPU."""
+    """bf16 autocast with gradient clipping trains on CPU with the fused Adam: the module clips
+    itself (Lightning refuses to clip a fused optimizer under any autocast), to the same norm."""
     overrides = [*fast_overrides(tmp_path, callbacks=False), "trainer.precision=bf16-mixed"]
+    overrides += [
+        "trainer.gradient_clip_val=0.01",
+        "+callbacks.clip={_target_:test_performance.ClipCheck}",
+    ]
+    ClipCheck.seen.clear()
     metrics = train(compose_train(overrides, tmp_path))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    assert metrics["train/grad_norm"] > 0
+    assert metrics["train/grad_norm"] > 0.01  # logged before clipping
+    assert ClipCheck.seen["fused"] is True
+    assert max(ClipCheck.seen["norms"]) == pytest.approx(0.01, rel=1e-4)
 
 
 def _mlp() -> MLP:

@@ -4,13 +4,16 @@ scaling, rotation, anisotropic scaling and fractional translation as one affine 
 
 Each transform is applied with probability ``p * multiplier`` and its parameters form the
 *augment labels* the network is conditioned on; at sampling the labels are zero, so the model
-generates un-augmented images. All parameters of sample ``i`` come from its own generator
-(a fixed number of draws whatever the settings), and each sample is warped on its own fixed
-padding, so a sample's augmentation does not depend on the batch it is in.
+generates un-augmented images. All parameters of sample ``i`` come from its own streams of the
+training step's batched generator (a fixed number of draws whatever the settings), and each
+sample is warped on its own fixed padding, so a sample's augmentation does not depend on the batch
+it is in. On an accelerator the parameters are computed there and nothing waits for the device
+(no data-dependent branch): every sample goes through the warp and keeps it only if it moved.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -18,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusionlab.data.sampler import AUGMENT_STREAM, sample_seed
-from diffusionlab.diffusion.noise import StackedRandomGenerator
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
+from diffusionlab.diffusion.seeds import AUGMENT_NORMAL_STREAM, AUGMENT_UNIFORM_STREAM
 from diffusionlab.errors import ConfigError
 
 # Daubechies symlet-6 low-pass filter: the anti-aliasing filter of the 2x up/down-sampled warp.
@@ -41,14 +44,12 @@ SYM6 = (
 _SYM6_DELAY = sum(k * h for k, h in enumerate(SYM6)) / sum(SYM6) - (len(SYM6) - 1) // 2
 _MARGIN = len(SYM6) // 4  # extra pixels each side so the filters see no output border
 
+# devices where only the samples that moved are warped (a data-dependent branch, read on the
+# host); elsewhere every sample is warped and the moved ones kept, so nothing waits for the device
+SELECTIVE_WARP_DEVICES = {"cpu"}
 # fixed per-sample draws: uniforms and normals, one slot per use (see AugmentPipe.draw)
 _NUM_UNIFORM = 16
 _NUM_NORMAL = 4
-
-
-def augment_seeds(noise_seeds: Sequence[int]) -> list[int]:
-    """Each training sample's augmentation seed, a stream apart from its noise seed."""
-    return [sample_seed(int(s), 0, AUGMENT_STREAM) for s in noise_seeds]
 
 
 def _affine(rows: list[list[Tensor | float]], like: Tensor) -> Tensor:
@@ -127,57 +128,61 @@ class AugmentPipe:
         return sum(n for name, n in sizes.items() if getattr(self, name) > 0)
 
     @staticmethod
-    def draw(n: int, generator: StackedRandomGenerator | None) -> tuple[Tensor, Tensor]:
-        """``[n, 16]`` uniforms and ``[n, 4]`` normals: row ``i`` from generator ``i`` (the
-        global RNG when None). Always the same number of draws, so changing one setting does
-        not change the other transforms of a sample."""
+    def draw(
+        n: int, generator: BatchedGenerator | None, device: torch.device | str = "cpu"
+    ) -> tuple[Tensor, Tensor]:
+        """``[n, 16]`` uniforms and ``[n, 4]`` normals: row ``i`` from sample ``i``'s augment
+        streams (the global RNG on ``device`` when None). Always the same number of draws, so
+        changing one setting does not change the other transforms of a sample."""
         if generator is None:
-            return torch.rand(n, _NUM_UNIFORM), torch.randn(n, _NUM_NORMAL)
+            u = torch.rand(n, _NUM_UNIFORM, device=device)
+            return u, torch.randn(n, _NUM_NORMAL, device=device)
         if len(generator) != n:
-            raise ValueError(f"batch size {n} != number of seeds {len(generator)}")
-        u = [torch.rand(_NUM_UNIFORM, generator=g) for g in generator.generators]
-        z = [torch.randn(_NUM_NORMAL, generator=g) for g in generator.generators]
-        return torch.stack(u), torch.stack(z)
+            raise ValueError(f"batch size {n} != number of keys {len(generator)}")
+        u = generator.uniform((_NUM_UNIFORM,), AUGMENT_UNIFORM_STREAM)
+        return u, generator.normal((_NUM_NORMAL,), AUGMENT_NORMAL_STREAM)
 
     def __call__(
-        self, images: Tensor, generator: StackedRandomGenerator | None = None
+        self, images: Tensor, generator: BatchedGenerator | None = None
     ) -> tuple[Tensor, Tensor]:
         """Augment NCHW ``images``; returns ``(images, labels [N, label_dim])``."""
         if images.ndim != 4:
             raise ValueError(f"augmentation needs NCHW images, got shape {tuple(images.shape)}")
         n, _, h, w = images.shape
-        u, z = self.draw(n, generator)
-        u, z = u.double(), z.double()
+        dev = images.device
+        u, z = self.draw(n, generator, dev)
+        u, z = u.to(dev, torch.float64), z.to(dev, torch.float64)
         labels: list[Tensor] = []
 
         def gate(slot: int, multiplier: float) -> Tensor:
             return u[:, slot] < multiplier * self.p
 
         # ---- pixel blitting (exact)
-        flips = torch.zeros(n, 2, dtype=torch.bool)
+        flips = torch.zeros(n, 2, dtype=torch.bool, device=dev)
         if self.xflip > 0:
             flips[:, 1] = gate(0, self.xflip) & (u[:, 1] < 0.5)
             labels.append(flips[:, 1:2].double())
         if self.yflip > 0:
             flips[:, 0] = gate(2, self.yflip) & (u[:, 3] < 0.5)
             labels.append(flips[:, 0:1].double())
-        quarter = torch.zeros(n, dtype=torch.long)
+        quarter = None
         if self.rotate_int > 0:
             quarter = torch.where(gate(4, self.rotate_int), (u[:, 5] * 4).long().clamp(max=3), 0)
             labels += [((quarter == 1) | (quarter == 2))[:, None].double()]
             labels += [((quarter == 2) | (quarter == 3))[:, None].double()]
-        shift = torch.zeros(n, 2, dtype=torch.long)
+        shift = None
         if self.translate_int > 0:
             t = torch.where(gate(6, self.translate_int)[:, None], u[:, 7:9] * 2 - 1, 0.0)
-            shift[:, 0] = (t[:, 0] * w * self.translate_int_max).round().long()
-            shift[:, 1] = (t[:, 1] * h * self.translate_int_max).round().long()
-            labels.append(shift.double() / shift.new_tensor([w, h]) / self.translate_int_max)
+            tx = (t[:, 0] * w * self.translate_int_max).round()
+            ty = (t[:, 1] * h * self.translate_int_max).round()
+            shift = torch.stack([tx, ty], dim=1).long()
+            labels.append(torch.stack([tx / w, ty / h], dim=1) / self.translate_int_max)
         images = self._blit(images, flips, quarter, shift)
 
         # ---- geometric warp: G maps output to input pixel coordinates (centred, y down)
-        eye = torch.eye(3, dtype=torch.float64).expand(n, 3, 3)
+        eye = torch.eye(3, dtype=torch.float64, device=dev).expand(n, 3, 3)
         g_inv = eye
-        zero = torch.zeros(n, dtype=torch.float64)
+        zero = torch.zeros(n, dtype=torch.float64, device=dev)
         if self.scale > 0:
             s_log = torch.where(gate(9, self.scale), z[:, 0], zero)
             s = (s_log * self.scale_std).exp2()
@@ -203,34 +208,42 @@ class AugmentPipe:
                 -t[:, 0] * w * self.translate_frac_std, -t[:, 1] * h * self.translate_frac_std
             )
             labels.append(t)
-        moved = (g_inv - eye).abs().amax(dim=(1, 2)) > 0
-        if moved.any():
-            idx = moved.nonzero().squeeze(1).to(images.device)
-            warped = warp(images.index_select(0, idx), g_inv[moved].to(images.device))
-            images = images.index_copy(0, idx, warped.to(images.dtype))
+        warps = (self.scale, self.rotate_frac, self.aniso, self.translate_frac)
+        if any(m > 0 for m in warps):
+            moved = (g_inv - eye).abs().amax(dim=(1, 2)) > 0
+            if dev.type in SELECTIVE_WARP_DEVICES:  # warp only the samples that moved
+                if moved.any():
+                    idx = moved.nonzero().squeeze(1)
+                    warped = warp(images.index_select(0, idx), g_inv[moved])
+                    images = images.index_copy(0, idx, warped.to(images.dtype))
+            else:  # no data-dependent shapes: warp all, keep the moved ones
+                warped = warp(images, g_inv).to(images.dtype)
+                images = torch.where(moved.view(-1, 1, 1, 1), warped, images)
 
-        out = torch.cat(labels, dim=1) if labels else torch.zeros(n, 0, dtype=torch.float64)
-        return images, out.float().to(images.device)
+        out = torch.cat(labels, dim=1) if labels else u.new_zeros(n, 0)
+        return images, out.float()
 
     @staticmethod
-    def _blit(images: Tensor, flips: Tensor, quarter: Tensor, shift: Tensor) -> Tensor:
-        """Flips, quarter turns (x-flip, y-flip, transpose as in ADA) and integer shifts with
-        reflection at the borders; samples whose parameters are all zero are left untouched."""
+    def _blit(
+        images: Tensor, flips: Tensor, quarter: Tensor | None, shift: Tensor | None
+    ) -> Tensor:
+        """Flips, quarter turns (x-flip, y-flip, transpose as in ADA; None = off) and integer
+        shifts with reflection at the borders (None = off); samples whose parameters are all
+        zero are left untouched."""
         dev = images.device
-        flips, quarter, shift = flips.to(dev), quarter.to(dev), shift.to(dev)
 
         def col(mask: Tensor) -> Tensor:  # per-sample mask -> broadcastable over C, H, W
             return mask.view(-1, 1, 1, 1)
 
-        images = torch.where(
-            col(flips[:, 1] | (quarter == 1) | (quarter == 2)), images.flip(3), images
-        )
-        images = torch.where(
-            col(flips[:, 0] | (quarter == 2) | (quarter == 3)), images.flip(2), images
-        )
-        if (quarter % 2).any():  # a transpose needs square images (rotate_int)
+        x_flip, y_flip = flips[:, 1], flips[:, 0]
+        if quarter is not None:
+            x_flip = x_flip | (quarter == 1) | (quarter == 2)
+            y_flip = y_flip | (quarter == 2) | (quarter == 3)
+        images = torch.where(col(x_flip), images.flip(3), images)
+        images = torch.where(col(y_flip), images.flip(2), images)
+        if quarter is not None:  # a transpose needs square images (rotate_int)
             images = torch.where(col(quarter % 2 == 1), images.transpose(2, 3), images)
-        if shift.any():
+        if shift is not None:
             _, _, h, w = images.shape
             x = torch.arange(w, device=dev)[None, :] - shift[:, :1]  # out[x] = in[x - tx]
             y = torch.arange(h, device=dev)[None, :] + shift[:, 1:]  # out[y] = in[y + ty]
@@ -241,10 +254,16 @@ class AugmentPipe:
         return images
 
 
+@functools.cache
+def _sym6(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The filter taps on ``device`` (copied there once, not at every step)."""
+    return torch.tensor(SYM6, dtype=dtype).to(device)
+
+
 def _filter_2x(images: Tensor, up: bool) -> Tensor:
     """Separable SYM6 2x upsampling (zero insertion + filter) or filtering + 2x downsampling."""
     n, c, h, w = images.shape
-    taps = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
+    taps = _sym6(images.device, images.dtype)
     if up:
         kernel = taps.flip(0).view(1, 1, -1).repeat(c, 1, 1)
         pad = (len(SYM6) + 1) // 2
@@ -271,15 +290,17 @@ def warp(images: Tensor, g_inv: Tensor) -> Tensor:
     # output grid: the image plus a margin for the down-sampling filter, at 2x resolution
     ho, wo = 2 * (h + 2 * _MARGIN), 2 * (w + 2 * _MARGIN)
 
+    g_inv = g_inv.to(images.device, torch.float64)
+
     def const(*v: float) -> list[Tensor]:
-        return [torch.full((n,), float(x), dtype=torch.float64) for x in v]
+        return [torch.full((n,), float(x), dtype=torch.float64, device=g_inv.device) for x in v]
 
     # centred coordinates: fine pixel c sits at coarse 2 x - 1/2 + delay in both ``up`` and the
     # grid that is down-sampled (zero insertion / decimation and the filter's DC group delay)
     shift = _SYM6_DELAY - 0.5
     to_up = translate2d(*const(shift, shift)) @ scale2d(*const(2, 2))
     from_out = scale2d(*const(0.5, 0.5)) @ translate2d(*const(-shift, -shift))
-    g = to_up @ g_inv.double().cpu() @ from_out
+    g = to_up @ g_inv @ from_out
     # normalised coordinates (align_corners=False): u = 2 x / size for centred x
     g = scale2d(*const(2 / up.shape[3], 2 / up.shape[2])) @ g @ scale2d(*const(wo / 2, ho / 2))
     theta = g[:, :2, :].to(device=images.device, dtype=images.dtype)

@@ -5,8 +5,9 @@ seeded from ``(seed, e)``) as one endless sequence of *global sample positions* 
 Optimizer step ``s`` trains on positions ``s*B .. s*B + B - 1`` (``B`` = global batch); rank ``r``
 takes the contiguous slice ``r*b .. r*b + b - 1`` of it (``b = B / world_size``) in ``b / m``
 micro-batches of ``m`` (gradient accumulation). Every random choice for a training sample
-(sigma, noise, flip, augmentation) is drawn from ``sample_seed(seed, position, stream)``, so a step's gradient
-is the same however the batch is split, and a resumed run replays the uninterrupted one.
+(sigma, noise, flip, augmentation, dropout) comes from ``sample_seed(seed, position, stream)``
+(the seed scheme lives in ``diffusion/seeds.py``), so a step's gradient is the same however the
+batch is split, and a resumed run replays the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,30 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from diffusionlab.diffusion.seeds import EPOCH_STREAM, FLIP_STREAM, NOISE_STREAM, sample_seed
 from diffusionlab.errors import ConfigError
-
-_MASK64 = (1 << 64) - 1
-
-# independent random streams of one training sample
-NOISE_STREAM = 0
-FLIP_STREAM = 1
-EPOCH_STREAM = 2
-AUGMENT_STREAM = 3
-
-
-def _splitmix64(x: int) -> int:
-    """SplitMix64 finaliser (Steele et al. 2014): a bijective 64-bit integer mix."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def sample_seed(seed: int, position: int, stream: int = NOISE_STREAM) -> int:
-    """A 63-bit seed for the random draws of global sample ``position`` in ``stream``."""
-    h = _splitmix64(int(seed) & _MASK64)
-    h = _splitmix64(h ^ (int(position) & _MASK64))
-    return _splitmix64(h ^ int(stream)) >> 1
 
 
 @dataclass(frozen=True)

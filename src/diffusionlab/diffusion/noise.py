@@ -1,4 +1,10 @@
-"""Per-sample-seeded noise, so images do not depend on batch size or world size (EDM generate.py)."""
+"""Per-sample-seeded noise, so images do not depend on batch size or world size (EDM generate.py).
+
+Two kinds (:func:`noise_generator`): ``per_seed``, EDM's ``StackedRandomGenerator`` (one
+``torch.Generator`` per image: NVlabs' images for the same seeds), and ``batched``, the
+counter-based :class:`~diffusionlab.diffusion.batched_rng.BatchedGenerator` (the whole batch in
+a few kernels on the device; other numbers for the same seeds).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
 
 
 class StackedRandomGenerator:
@@ -36,27 +44,46 @@ class StackedRandomGenerator:
     def randn_like(self, x: Tensor) -> Tensor:
         return self.randn(x.shape, dtype=x.dtype).to(x.device)
 
+    def randint(self, high: int, size: Sequence[int]) -> Tensor:
+        """Integers in ``[0, high)`` of ``size`` (``size[0]`` = batch), row i from generator i
+        (EDM generate.py's class labels)."""
+        if size[0] != len(self.generators):
+            raise ValueError(f"batch size {size[0]} != number of seeds {len(self.generators)}")
+        return torch.stack(
+            [
+                torch.randint(high, tuple(size[1:]), generator=g, device=self.device)
+                for g in self.generators
+            ]
+        )
 
-Generator = torch.Generator | StackedRandomGenerator | None
+
+Generator = torch.Generator | StackedRandomGenerator | BatchedGenerator | None
 
 
 def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     """Standard normal noise shaped like ``x`` from a ``torch.Generator``, a per-sample
-    ``StackedRandomGenerator``, or the global RNG when ``generator`` is None."""
+    ``StackedRandomGenerator`` or ``BatchedGenerator``, or the global RNG when ``generator`` is
+    None."""
     if generator is None:
         return torch.randn_like(x)
-    if isinstance(generator, StackedRandomGenerator):
+    if isinstance(generator, StackedRandomGenerator | BatchedGenerator):
         return generator.randn_like(x)
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(
         x.device
     )
 
 
+NOISE_KINDS = ("per_seed", "batched")
+
+
 def noise_generator(
     kind: str, seeds: Sequence[int], device: torch.device | str = "cpu"
-) -> StackedRandomGenerator:
-    """The sampling noise source named by a sampler spec's ``noise``, one stream per sample
-    index: ``per_seed`` is one ``torch.Generator`` per seed (EDM generate.py)."""
+) -> StackedRandomGenerator | BatchedGenerator:
+    """The per-image noise source of a sampling run: ``per_seed`` (EDM's one generator per
+    seed, the default) or ``batched`` (counter-based, drawn for the batch on ``device``). Both
+    give each image the same noise whatever batch it is generated in."""
     if kind == "per_seed":
-        return StackedRandomGenerator(seeds, device)
-    raise ValueError(f"unknown noise kind {kind!r}; valid: per_seed")
+        return StackedRandomGenerator(seeds, device=device)
+    if kind == "batched":
+        return BatchedGenerator.from_seeds(seeds, device=device)
+    raise ValueError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")

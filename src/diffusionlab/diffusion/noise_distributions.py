@@ -12,14 +12,20 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.diffusion.noise import Generator, StackedRandomGenerator
 from diffusionlab.diffusion.schedules import Schedule, _check
 
 
 def _draw(kind: str, n: int, generator: Generator, device: torch.device | str | None) -> Tensor:
-    """``n`` float64 uniform (``kind="rand"``) or normal (``"randn"``) numbers on ``device``."""
+    """``n`` float64 uniform (``kind="rand"``) or normal (``"randn"``) numbers on ``device``;
+    a per-sample generator gives row ``i`` its own number."""
     fn = torch.rand if kind == "rand" else torch.randn
-    if isinstance(generator, StackedRandomGenerator):
+    if isinstance(generator, BatchedGenerator):
+        _check(len(generator) == n, "generator", len(generator), f"need {n} per-sample keys")
+        draw = generator.rand if kind == "rand" else generator.randn
+        out = draw((n,), dtype=torch.float64)
+    elif isinstance(generator, StackedRandomGenerator):
         _check(len(generator) == n, "generator", len(generator), f"need {n} per-sample seeds")
         out = torch.cat(
             [fn(1, generator=g, device=g.device, dtype=torch.float64) for g in generator.generators]

@@ -77,12 +77,15 @@ class Parameterization(ABC):
     def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in)."""
 
-    def coefficients(self, sigma: Tensor | float) -> Coefficients:
-        """(c_skip, c_out, c_in, c_noise) at ``sigma`` (EDM eq. 7), same shape as ``sigma``."""
+    def coefficients(self, sigma: Tensor | float, check: bool = True) -> Coefficients:
+        """(c_skip, c_out, c_in, c_noise) at ``sigma`` (EDM eq. 7), same shape as ``sigma``.
+        ``check``: stop on sigma <= 0 (reads sigma back to the host; the denoiser's per-call
+        path leaves it out, so a training or sampling step never waits for the device)."""
         sigma = torch.as_tensor(sigma)
         if not sigma.is_floating_point():
             sigma = sigma.to(torch.get_default_dtype())
-        _check(bool((sigma > 0).all()), "sigma", float(sigma.min()), "must be > 0")
+        if check:
+            _check(bool((sigma > 0).all()), "sigma", float(sigma.min()), "must be > 0")
         return (*self._coefficients(sigma), self.c_noise(sigma))
 
     def loss_weight(self, sigma: Tensor) -> Tensor:
@@ -270,7 +273,7 @@ class Denoiser(nn.Module):
         """(D, v): v is the network's variance output (None without ``learned_variance``)."""
         work = torch.promote_types(x.dtype, torch.float32)
         sigma = _per_sample_sigma(sigma, x, work)
-        c_skip, c_out, c_in, c_noise = self.parameterization.coefficients(sigma)
+        c_skip, c_out, c_in, c_noise = self.parameterization.coefficients(sigma, check=False)
         shape = (-1,) + (1,) * (x.ndim - 1)
         c_skip, c_out, c_in = c_skip.view(shape), c_out.view(shape), c_in.view(shape)
         param = next(self.net.parameters(), None)

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusionlab.diffusion.batched_rng import active_generator, use_generator
+from diffusionlab.diffusion.seeds import DROPOUT_STREAM, LABEL_DROPOUT_STREAM
+
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> Tensor:
     """Draw an initial tensor: xavier/kaiming, uniform/normal (EDM's conventions)."""
@@ -197,23 +200,61 @@ def condition_labels(
     """Float one-hot labels for the batch ``x``; each dropped with probability ``p`` while training.
 
     ``None`` (unconditional) gives zeros, so the label layer stays in the graph (DDP). Dropping a
-    label zeroes it, as classifier-free guidance trains (Ho & Salimans 2022).
+    label zeroes it, as classifier-free guidance trains (Ho & Salimans 2022). Inside a training
+    step the coin of sample ``i`` is its own (``LABEL_DROPOUT_STREAM``), else the process RNG's.
     """
     if class_labels is None:
         return torch.zeros(x.shape[0], label_dim, device=x.device)
     labels = class_labels.float()
     if not training or p == 0:
         return labels
-    keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
+    gen = active_generator()
+    if gen is None:
+        keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
+    else:
+        keep = gen.uniform((1,), LABEL_DROPOUT_STREAM).to(labels.device) >= p
     return labels * keep.to(labels.dtype)
+
+
+class Dropout(nn.Dropout):
+    """Inverted dropout whose mask, inside a training step (``use_generator``), comes from each
+    sample's own stream ``DROPOUT_STREAM + stream`` of the batched generator, so the mask of a
+    sample does not depend on the batch it is in; from the process RNG otherwise. ``stream`` is
+    the layer's index in its network (:func:`number_dropout_layers`)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__(p)
+        self.stream = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        gen = active_generator()
+        if gen is None:
+            return F.dropout(x, self.p, training=True)
+        return gen.dropout(x, self.p, DROPOUT_STREAM + self.stream)
+
+
+def number_dropout_layers(net: nn.Module) -> int:
+    """Give every :class:`Dropout` of ``net`` its own stream (module order); returns the count."""
+    layers = [m for m in net.modules() if isinstance(m, Dropout)]
+    for i, m in enumerate(layers):
+        m.stream = i
+    return len(layers)
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args: Tensor) -> Tensor:
     """``block(*args)``; with ``checkpointing`` (and autograd on) its activations are recomputed
-    in the backward pass instead of stored (non-reentrant, RNG state replayed so dropout masks
-    and gradients are unchanged)."""
+    in the backward pass instead of stored (non-reentrant; the RNG state and the step's batched
+    generator are replayed, so dropout masks and gradients are unchanged)."""
     if checkpointing and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False)
+        gen = active_generator()
+        return checkpoint(
+            block,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (use_generator(gen), use_generator(gen)),
+        )
     return block(*args)
 
 
@@ -267,6 +308,7 @@ class UNetBlock(nn.Module):
             else out_channels // channels_per_head
         )
         self.dropout = dropout
+        self.drop = Dropout(dropout)
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
 
@@ -303,7 +345,7 @@ class UNetBlock(nn.Module):
             x = F.silu(torch.addcmul(shift, self.norm1(x).to(x.dtype), scale + 1))
         else:
             x = F.silu(self.norm1(x + params))
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(self.drop(x))
         x = (x + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
             a = attention_2d(self.qkv(self.norm2(x)), self.num_heads)

@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusionlab.networks.layers import Linear, PositionalEmbedding, condition_labels
+from diffusionlab.networks.layers import (
+    Dropout,
+    Linear,
+    PositionalEmbedding,
+    condition_labels,
+)
 
 
 class MLPBlock(nn.Module):
@@ -27,11 +32,12 @@ class MLPBlock(nn.Module):
         self.fc0 = Linear(hidden_dim, hidden_dim, **init)
         self.fc1 = Linear(hidden_dim, hidden_dim, init_mode="xavier_uniform", init_weight=0.0)
         self.dropout = dropout
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         scale, shift = self.affine(emb).to(x.dtype).chunk(2, dim=1)
         y = torch.addcmul(shift, self.norm(x).to(x.dtype), scale + 1)
-        y = F.dropout(F.silu(self.fc0(y)), p=self.dropout, training=self.training)
+        y = self.drop(F.silu(self.fc0(y)))
         return x + self.fc1(y)
 
 

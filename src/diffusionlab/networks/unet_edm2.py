@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusionlab.networks.layers import (
+    Dropout,
     check_resolution,
     condition_labels,
     resample_kernel,
@@ -117,6 +118,7 @@ class Block(nn.Module):
         self.resample_mode = resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
         self.dropout = dropout
+        self.drop = Dropout(dropout)
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
@@ -142,7 +144,7 @@ class Block(nn.Module):
         y = self.conv_res0(mp_silu(x))
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
-        y = F.dropout(y, p=self.dropout, training=self.training)
+        y = self.drop(y)
         y = self.conv_res1(y)
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)

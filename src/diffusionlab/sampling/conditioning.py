@@ -16,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.diffusion.noise import StackedRandomGenerator
+
+# a per-sample generator (sampler.noise: per_seed or batched)
+SampleGenerator = StackedRandomGenerator | BatchedGenerator
 
 # ``denoise(x, sigma, cond)``: a denoiser given an encoded condition (None: unconditional)
 CondDenoise = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -30,7 +34,7 @@ class Condition(ABC):
     num_classes: int = 0
 
     @abstractmethod
-    def draw(self, generator: StackedRandomGenerator, device: torch.device) -> Tensor:
+    def draw(self, generator: SampleGenerator, device: torch.device) -> Tensor:
         """One value per sample, each from its own generator (after its noise, EDM generate.py)."""
 
     @abstractmethod
@@ -58,13 +62,8 @@ class ClassLabels(Condition):
     num_classes: int
     kind: str = "class"
 
-    def draw(self, generator: StackedRandomGenerator, device: torch.device) -> Tensor:
-        return torch.cat(
-            [
-                torch.randint(self.num_classes, (1,), generator=g, device=device)
-                for g in generator.generators
-            ]
-        )
+    def draw(self, generator: SampleGenerator, device: torch.device) -> Tensor:
+        return generator.randint(self.num_classes, (len(generator),)).to(device)
 
     def fixed(self, value: Any, n: int, device: torch.device) -> Tensor:
         return torch.full((n,), int(value), device=device)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch_fidelity.generative_model_base import GenerativeModelBase
 
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.diffusion.guidance import cfg_denoiser, label_cfg_denoiser
 from diffusionlab.diffusion.noise import Generator, StackedRandomGenerator
 from diffusionlab.diffusion.samplers import Denoise
@@ -118,12 +119,14 @@ class DiffusionGenerator(GenerativeModelBase):
     # ------------------------------------------------------------------ inputs
     def noise_generator(
         self, seeds: Sequence[int], device: torch.device | str | None = None
-    ) -> StackedRandomGenerator:
+    ) -> StackedRandomGenerator | BatchedGenerator:
         """The per-sample noise source of ``seeds`` (the spec's noise kind), on ``device``
         (default the model's)."""
         return self.spec.noise_generator(seeds, self.device if device is None else device)
 
-    def seeded_noise(self, seeds: Sequence[int]) -> tuple[Tensor, StackedRandomGenerator]:
+    def seeded_noise(
+        self, seeds: Sequence[int]
+    ) -> tuple[Tensor, StackedRandomGenerator | BatchedGenerator]:
         """Standard-normal noise [len(seeds), *shape], row i from ``seeds[i]``, and the generator
         the sampler keeps drawing from."""
         gen = self.noise_generator(seeds)
@@ -131,7 +134,7 @@ class DiffusionGenerator(GenerativeModelBase):
 
     def seeded_inputs(
         self, seeds: Sequence[int], class_label: Any = None
-    ) -> tuple[Tensor, Tensor | None, StackedRandomGenerator]:
+    ) -> tuple[Tensor, Tensor | None, StackedRandomGenerator | BatchedGenerator]:
         """Noise, conditions and the per-sample generator for ``seeds``: row i depends on seeds[i]
         only. Conditions are drawn from each sample's generator after its noise (EDM
         generate.py), also when ``class_label`` then fixes them, so a stochastic sampler's noise

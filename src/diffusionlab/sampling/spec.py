@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.diffusion.learned_grids import resolve_sampler
 from diffusionlab.diffusion.noise import Generator, StackedRandomGenerator, noise_generator
 from diffusionlab.diffusion.samplers import (
@@ -127,7 +128,7 @@ class SamplerSpec:
 
     def noise_generator(
         self, seeds: Sequence[int], device: torch.device | str = "cpu"
-    ) -> StackedRandomGenerator:
+    ) -> StackedRandomGenerator | BatchedGenerator:
         """The per-sample noise source for ``seeds`` (row i from seed i, whatever the batch)."""
         return noise_generator(self.noise, seeds, device)
 

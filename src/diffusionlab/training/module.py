@@ -14,20 +14,19 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
-from diffusionlab.data.augment import augment_seeds
-from diffusionlab.diffusion.noise import StackedRandomGenerator
+from diffusionlab.diffusion.batched_rng import BatchedGenerator, use_generator
 from diffusionlab.diffusion.parameterizations import Denoiser
-from diffusionlab.errors import CheckpointError, ConfigError
+from diffusionlab.errors import CheckpointError
 from diffusionlab.networks.autoencoder import LatentDecoder
+from diffusionlab.networks.layers import number_dropout_layers
 from diffusionlab.training.ema import PowerEMA, ema_update
 from diffusionlab.training.ema_snapshots import save_snapshots
 from diffusionlab.training.log_steps import is_logging_step
 from diffusionlab.training.lr_schedules import Constant, build_lr_schedule
-from diffusionlab.training.performance import fast_optimizer_options
+from diffusionlab.training.performance import HALF_PRECISIONS, fast_optimizer_options
 from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
 
 
@@ -56,6 +55,7 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.schedule = instantiate(schedule)
         net = instantiate(model)
+        number_dropout_layers(net)  # each dropout layer draws its own per-sample stream
         self.denoiser = Denoiser(net, instantiate(parameterization)(schedule=self.schedule))
         self.loss_fn = instantiate(loss)(
             schedule=self.schedule, parameterization=self.denoiser.parameterization
@@ -80,29 +80,33 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def one_hot(self, labels: Tensor) -> Tensor | None:
-        """Integer labels -> float one-hot ``[B, label_dim]`` (None when unconditional)."""
+        """Integer labels -> float one-hot ``[B, label_dim]`` (None when unconditional), on the
+        labels' device without reading them back (``F.one_hot`` checks their range on the host).
+        A label outside ``0..label_dim-1`` gives a zero row; the app checks ``label_dim``
+        against the dataset's ``num_classes`` before training (cli/train.py)."""
         if self.label_dim == 0:
             return None
-        if (labels < 0).any():
-            raise ConfigError(f"label_dim={self.label_dim} but the dataset has no labels")
-        return F.one_hot(labels, self.label_dim).float()
+        classes = torch.arange(self.label_dim, device=labels.device)
+        return (labels[:, None] == classes).float()
 
     def batch_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``: the sigma, noise and
-        augmentation of each sample come from its own seed (data/sampler.py), drawn on the CPU."""
+        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``. Each sample's sigma,
+        noise, augmentation and dropout masks come from its seed (data/sampler.py) through a
+        counter-based generator on the batch's device (diffusion/batched_rng.py): a few kernels
+        for the whole batch, nothing read back to the host."""
         x0, labels, seeds = batch
+        generator = BatchedGenerator(seeds, device=x0.device)
         augment_labels = None
-        if self.augment_pipe is not None:
-            aug_gen = StackedRandomGenerator(augment_seeds(seeds.tolist()))
-            x0, augment_labels = self.augment_pipe(x0, aug_gen)
-        generator = StackedRandomGenerator(seeds.tolist())
-        return self.loss_fn(
-            self.denoiser,
-            x0,
-            class_labels=self.one_hot(labels),
-            augment_labels=augment_labels,
-            generator=generator,
-        )
+        with use_generator(generator):
+            if self.augment_pipe is not None:
+                x0, augment_labels = self.augment_pipe(x0, generator)
+            return self.loss_fn(
+                self.denoiser,
+                x0,
+                class_labels=self.one_hot(labels),
+                augment_labels=augment_labels,
+                generator=generator,
+            )
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         self._samples_in_step += batch[0].shape[0]
@@ -180,12 +184,35 @@ class DiffusionModule(L.LightningModule):
         """The factor on ``optimizer.lr`` per optimizer step (training/lr_schedules.py)."""
         return build_lr_schedule(self.hparams.get("lr_schedule"), self.hparams.lr_warmup_steps)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Norm clipping as Lightning's (``clip_grad_norm_`` of the optimizer's parameters), also
+        for a fused optimizer under bf16 autocast, which Lightning's check refuses although bf16
+        has no loss scaling to undo. float16 (scaled gradients), value clipping and sharded
+        strategies keep Lightning's own path."""
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm))
+        sharded = "FSDP" in type(self.trainer.strategy).__name__
+        if (
+            str(self.trainer.precision) in HALF_PRECISIONS
+            or sharded
+            or algorithm not in ("None", "norm")
+        ):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if gradient_clip_val:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self) -> dict:
         factory = instantiate(self.hparams.optimizer)
         params = [p for p in self.parameters() if p.requires_grad]
         trainer = self._trainer
-        # Lightning cannot clip the gradients of a fused optimizer under mixed precision
-        amp_clip = trainer is not None and "mixed" in str(trainer.precision)
+        # Lightning cannot clip the gradients of a fused optimizer under float16 loss scaling
+        amp_clip = trainer is not None and str(trainer.precision) in HALF_PRECISIONS
         amp_clip = amp_clip and bool(trainer.gradient_clip_val)
         kernels = fast_optimizer_options(factory, params, allow_fused=not amp_clip)
         optimizer = factory(params=params, **kernels)

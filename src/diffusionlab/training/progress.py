@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 class StepProgressBar(RichProgressBar):
     """``step k/max_steps`` (``k`` = optimizer steps, also after a resume) with the live metrics
-    and the step's training loss (``train/loss``, taken from ``training_step``'s output, so the
-    module need not ``self.log`` it every step).
+    and the training loss (``train/loss``, taken from ``training_step``'s output on logging
+    steps: reading it on other steps would make the host wait for the device).
 
     The bar's task and metrics are updated at most ``refresh_rate`` times a second (the rate rich
     redraws at) and at the last step: updating them costs about half a millisecond, a few
@@ -42,14 +42,14 @@ class StepProgressBar(RichProgressBar):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
+        last = trainer.global_step >= self.total_train_batches
+        if last or trainer._logger_connector.should_update_logs:  # a logging step
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self._loss = None if loss is None else float(loss)
         now = time.monotonic()
-        if now - self._updated_at < 1 / self.refresh_rate and trainer.global_step < (
-            self.total_train_batches
-        ):
+        if now - self._updated_at < 1 / self.refresh_rate and not last:
             return
         self._updated_at = now
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self._loss = None if loss is None else float(loss)
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
