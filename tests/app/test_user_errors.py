@@ -15,8 +15,9 @@ from PIL import Image
 
 from diffusionlab.cli.common import USER_ERRORS, user_message
 from diffusionlab.cli.evaluate import evaluate
-from diffusionlab.cli.sample import quote_seeds, sample
+from diffusionlab.cli.sample import sample
 from diffusionlab.cli.train import train
+from diffusionlab.cli.vocabulary import prepare_args
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import image_folder
 from diffusionlab.evaluation.protocol import parse_seeds
@@ -262,9 +263,12 @@ def test_bad_seeds(spec):
 
 
 def test_unquoted_comma_seeds_are_quoted_for_hydra():
-    assert quote_seeds(["x", "seeds=0-9,20", "n=3"]) == ["x", "seeds='0-9,20'", "n=3"]
-    assert quote_seeds(["seeds=[0-9,20]", "seeds='1,2'"]) == ["seeds=[0-9,20]", "seeds='1,2'"]
-    assert quote_seeds(["-m", "seeds=0,1"]) == ["-m", "seeds=0,1"]
+    def quoted(args):
+        return prepare_args("sample", args)[0]
+
+    assert quoted(["seeds=0-9,20", "batch_size=3"]) == ["seeds='0-9,20'", "batch_size=3"]
+    assert quoted(["seeds=[0-9,20]", "seeds='1,2'"]) == ["seeds=[0-9,20]", "seeds='1,2'"]
+    assert quoted(["-m", "seeds=0,1"]) == ["-m", "seeds=0,1"]
 
 
 def test_readme_sample_command_with_every_seed_form(tmp_path, ckpt):

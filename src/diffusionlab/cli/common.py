@@ -12,6 +12,7 @@ from typing import Any, NoReturn, TypeVar
 from hydra.errors import HydraException, InstantiationException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
+from diffusionlab.cli.vocabulary import prepare_argv
 from diffusionlab.errors import ConfigError, TrainingDiverged
 
 T = TypeVar("T")
@@ -21,11 +22,15 @@ USER_ERRORS = (ConfigError, TrainingDiverged, HydraException, OmegaConfBaseExcep
 _USER_FULL_ERROR = "_DIFFUSIONLAB_USER_HYDRA_FULL_ERROR"
 
 
-def run_cli(hydra_main: Callable[[], Any]) -> None:
+def run_cli(hydra_main: Callable[[], Any], app: str | None = None) -> None:
     """Call a ``@hydra.main`` function; a user error exits with ``error: <message>``.
 
-    Hydra itself prints and swallows errors unless ``HYDRA_FULL_ERROR=1``; we set it so they reach
-    us. When the user set ``HYDRA_FULL_ERROR=1`` the full traceback is shown instead."""
+    ``app`` (the app's config name) first prepares the command line as every app does
+    (:func:`diffusionlab.cli.vocabulary.prepare_args`: old spellings, ``~`` in paths, sampler
+    options). Hydra itself prints and swallows errors unless ``HYDRA_FULL_ERROR=1``; we set it so
+    they reach us. When the user set ``HYDRA_FULL_ERROR=1`` the full traceback is shown instead."""
+    if app is not None:
+        prepare_argv(app)
     os.environ.setdefault(_USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", ""))
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

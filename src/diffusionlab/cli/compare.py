@@ -56,7 +56,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-compare``: user errors end as one ``error: ...`` line, as in the other apps."""
-    run_cli(app)
+    run_cli(app, "compare")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def main() -> None:
         sys.argv = [sys.argv[0], *args[1:], f"command={args[0]}"]
     elif not any(a.startswith(("command=", "-")) for a in args):  # -h, --cfg job: Hydra's
         sys.exit(f"usage: dl-dataset {{{'|'.join(COMMANDS)}}} source=... dest=... [key=value ...]")
-    run_cli(app)
+    run_cli(app, "dataset_tool")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-edit``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "edit")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """``evaluate.py`` / ``dl-evaluate``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "evaluate")
 
 
 if __name__ == "__main__":

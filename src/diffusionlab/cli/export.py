@@ -46,7 +46,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-export``: user errors end as one ``error: ...`` line, as in the other apps."""
-    run_cli(app)
+    run_cli(app, "export")
 
 
 if __name__ == "__main__":

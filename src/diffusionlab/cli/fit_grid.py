@@ -101,7 +101,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-fit-grid``: user errors end as one ``error: ...`` line, as in the other apps."""
-    run_cli(app)
+    run_cli(app, "fit_grid")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-inpaint``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "inpaint")
 
 
 if __name__ == "__main__":

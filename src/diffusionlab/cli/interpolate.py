@@ -100,7 +100,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-interpolate``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "interpolate")
 
 
 if __name__ == "__main__":

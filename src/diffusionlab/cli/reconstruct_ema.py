@@ -42,7 +42,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-reconstruct-ema``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "reconstruct_ema")
 
 
 if __name__ == "__main__":

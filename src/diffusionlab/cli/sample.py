@@ -4,7 +4,6 @@ the grid also goes to a W&B run attached to the checkpoint's training run."""
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -135,21 +134,10 @@ def app(cfg: DictConfig) -> None:
     sample(cfg)
 
 
-def quote_seeds(argv: list[str]) -> list[str]:
-    """``seeds=0-9,20`` as the docs write it: quoted, so Hydra does not read it as a sweep
-    (left alone under ``-m``/``--multirun``, where a comma list is a sweep)."""
-    if "-m" in argv or "--multirun" in argv:
-        return argv
-    return [
-        f"seeds='{a[6:]}'" if a.startswith("seeds=") and "," in a and a[6:7] not in "['\"" else a
-        for a in argv
-    ]
-
-
 def main() -> None:
-    """``sample.py`` / ``dl-sample``: user errors end as one ``error: ...`` line."""
-    sys.argv = quote_seeds(sys.argv)
-    run_cli(app)
+    """``sample.py`` / ``dl-sample``: user errors end as one ``error: ...`` line; ``seeds=0-9,20``
+    is read as seeds, not as a sweep (cli/vocabulary.py)."""
+    run_cli(app, "sample")
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """``train.py`` / ``dl-train``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "train")
 
 
 if __name__ == "__main__":

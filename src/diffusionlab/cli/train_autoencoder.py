@@ -93,7 +93,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-train-autoencoder``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "train_autoencoder")
 
 
 if __name__ == "__main__":
