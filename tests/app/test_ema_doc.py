@@ -38,7 +38,7 @@ def _extra(line: str, tmp_path: Path) -> list[str]:
         ]
     common = [f"paths.log_dir={tmp_path / 'logs'}", "sampler=euler", "sampler.nfe=3"]
     if line.startswith("python sample.py"):
-        return [*common, "n=4"]
+        return [*common, "num_samples=4"]
     if line.startswith("python evaluate.py"):
         return [
             *common,

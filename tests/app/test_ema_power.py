@@ -93,7 +93,9 @@ def test_reconstructed_ema_matches_directly_tracked_profile(tmp_path):
     assert rebuilt["hyper_parameters"]["ema"]["sigma_rels"] == [0.07]
     assert rebuilt["ema_reconstruction"]["step"] == STEPS
 
-    res = run_app("sample.py", [f"ckpt={out}", "n=4", "sampler.nfe=3", f"outdir={tmp_path / 's'}"])
+    res = run_app(
+        "sample.py", [f"ckpt={out}", "num_samples=4", "sampler.nfe=3", f"outdir={tmp_path / 's'}"]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(list((tmp_path / "s").glob("*.png"))) == 5  # 4 images and the grid
 

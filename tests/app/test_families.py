@@ -116,7 +116,7 @@ def test_every_families_doc_command_runs(tmp_path):
     ]
     ncsn_extra = ["sampler.options.steps_per_level=2"]
     iddpm_extra = ["schedule.num_steps=20"]  # T = 20 keeps the bound cheap
-    sample_extra = ["sampler.nfe=5", "n=4"]
+    sample_extra = ["sampler.nfe=5", "num_samples=4"]
     eval_extra = [
         "sampler.nfe=5",
         "eval.num_samples=20",

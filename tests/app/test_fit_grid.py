@@ -84,7 +84,14 @@ def test_the_stored_grid_round_trips_with_its_settings(fitted):
 
 def test_sample_py_draws_with_the_stored_grid(fitted, tmp_path):
     ckpt, path = fitted
-    args = [f"ckpt={ckpt}", "sampler=dpmpp_2m", "sampler.nfe=4", "n=3", "npz=true", "png=false"]
+    args = [
+        f"ckpt={ckpt}",
+        "sampler=dpmpp_2m",
+        "sampler.nfe=4",
+        "num_samples=3",
+        "npz=true",
+        "png=false",
+    ]
     out = sample(_compose("sample", [*args, "sampler.discretization=learned"], tmp_path / "a"))
     got = np.load(out / "samples.npz")["samples"]
     module = load_module(str(ckpt), torch.device("cpu"))
@@ -105,7 +112,7 @@ def test_sample_py_draws_with_the_stored_grid(fitted, tmp_path):
 
 def test_a_grid_is_refused_for_another_sampler_nfe_or_checkpoint(fitted, tmp_path):
     ckpt, path = fitted
-    base = [f"ckpt={ckpt}", "n=2", "sampler.discretization=learned"]
+    base = [f"ckpt={ckpt}", "num_samples=2", "sampler.discretization=learned"]
 
     def sample_error(*args: str) -> str:
         return _message(lambda: sample(_compose("sample", [*base, *args], tmp_path)))

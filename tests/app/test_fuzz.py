@@ -35,7 +35,7 @@ def base_args(app: str, tmp: Path, ckpt: Path) -> list[str]:
         return [*fast_overrides(tmp, callbacks=False), "trainer.max_steps=2", *run]
     common = [f"ckpt={ckpt}", "sampler.nfe=2", "device=cpu", *run]
     if app == "sample":
-        return [*common, "n=2"]
+        return [*common, "num_samples=2"]
     return [*common, "dataset=digits", "eval.num_samples=8", "eval.batch_size=8"]
 
 

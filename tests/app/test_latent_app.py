@@ -80,7 +80,7 @@ def test_latent_model_trains_samples_and_evaluates(tmp_path):
             "sample",
             [
                 f"ckpt={ckpt}",
-                "n=3",
+                "num_samples=3",
                 "sampler.nfe=3",
                 "npz=true",
                 f"outdir={out}",

@@ -31,7 +31,7 @@ def test_every_learned_grids_doc_command_runs(tmp_path):
     logs = f"paths.log_dir={tmp_path / 'logs'}"
     tiny = {
         "dl-fit-grid": FIT,
-        "python sample.py": f"n=2 batch_size=2 {logs}",
+        "python sample.py": f"num_samples=2 batch_size=2 {logs}",
         "python evaluate.py": f"dataset=digits eval.num_samples=20 eval.extractor_steps=20 "
         f"eval.metrics=[fid] eval.cache_dir={tmp_path / 'cache'} sweep.nfe=[3] {logs}",
         "python train.py": " ".join(o for o in fast_overrides(tmp_path / "logs") if "nfe" not in o),

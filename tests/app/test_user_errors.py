@@ -47,7 +47,7 @@ def _compose(name: str, overrides: list[str], output_dir: Path):
 
 
 def _sample_error(tmp_path: Path, *args: str) -> str:
-    overrides = ["n=2", "sampler.nfe=2", *args]
+    overrides = ["num_samples=2", "sampler.nfe=2", *args]
     return _message(lambda: sample(_compose("sample", overrides, tmp_path)))
 
 
@@ -110,7 +110,7 @@ def test_invalid_numbers_stop_before_training(tmp_path, args, expected):
 
 
 def test_invalid_numbers_in_sample_and_evaluate(tmp_path, ckpt):
-    assert "n=0 must be >= 1" in _sample_error(tmp_path, f"ckpt={ckpt}", "n=0")
+    assert "num_samples=0 must be >= 1" in _sample_error(tmp_path, f"ckpt={ckpt}", "num_samples=0")
     assert "sampler.nfe=0 must be >= 1" in _sample_error(tmp_path, f"ckpt={ckpt}", "sampler.nfe=0")
     assert "batch_size=0 must be >= 1" in _sample_error(tmp_path, f"ckpt={ckpt}", "batch_size=0")
     cfg = _compose("evaluate", [f"ckpt={ckpt}", "eval.num_samples=0"], tmp_path)
@@ -275,7 +275,14 @@ def test_readme_sample_command_with_every_seed_form(tmp_path, ckpt):
     """The README's ``sample.py ... seeds=0-63`` and the other documented forms, end to end."""
     for i, form in enumerate(["seeds=0-3", "seeds=0-1,7", "seeds=[0-1,7]", "seeds=[2,3]"]):
         out = tmp_path / str(i)
-        args = [f"ckpt={ckpt}", "sampler=dpmpp_2m", "sampler.nfe=2", "n=4", form, f"outdir={out}"]
+        args = [
+            f"ckpt={ckpt}",
+            "sampler=dpmpp_2m",
+            "sampler.nfe=2",
+            "num_samples=4",
+            form,
+            f"outdir={out}",
+        ]
         args.append(f"paths.log_dir={tmp_path}")
         res = run_app("sample.py", args) if i < 2 else None
         if res is not None:

@@ -114,7 +114,11 @@ def test_evaluate_and_sample_runs_join_the_training_run(grid, tmp_path, monkeypa
     )
     result = evaluate(cfg)
     out = tmp_path / "sample"
-    sample(_compose("sample", [f"ckpt={ckpt}", "n=4", "sampler.nfe=3", f"paths.output_dir={out}"]))
+    sample(
+        _compose(
+            "sample", [f"ckpt={ckpt}", "num_samples=4", "sampler.nfe=3", f"paths.output_dir={out}"]
+        )
+    )
     wandb.teardown()  # in-process runs reach their files when the W&B service shuts down
 
     (run,) = offline_runs(tmp_path / "eval")

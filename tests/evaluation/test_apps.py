@@ -71,7 +71,14 @@ def test_sample_and_evaluate_a_checkpoint(tmp_path):
     assert train.returncode == 0, train.stderr[-2000:]
     ckpt = next(tmp_path.rglob("last.ckpt"))
     out = tmp_path / "samples"
-    args = [f"ckpt={ckpt}", "sampler=euler", "sampler.nfe=3", "n=10", "batch_size=4", "npz=true"]
+    args = [
+        f"ckpt={ckpt}",
+        "sampler=euler",
+        "sampler.nfe=3",
+        "num_samples=10",
+        "batch_size=4",
+        "npz=true",
+    ]
     res = run_app("sample.py", [*args, f"outdir={out}", f"paths.log_dir={tmp_path}"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(list(out.glob("0*.png"))) == 10 and (out / "grid.png").is_file()

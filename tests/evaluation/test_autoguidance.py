@@ -101,7 +101,7 @@ def _sample_cfg(tmp_path, overrides: list[str]):
 
 def test_class_grid_has_one_row_per_class(tiny_ckpts, tmp_path):
     cfg = _sample_cfg(
-        tmp_path, [f"ckpt={tiny_ckpts['cond']}", "class_grid=true", "n=20", "npz=true"]
+        tmp_path, [f"ckpt={tiny_ckpts['cond']}", "class_grid=true", "num_samples=20", "npz=true"]
     )
     sample(cfg)
     labels = np.load(tmp_path / "samples.npz")["labels"]
@@ -113,8 +113,12 @@ def test_class_grid_has_one_row_per_class(tiny_ckpts, tmp_path):
 @pytest.mark.parametrize(
     ("ckpt", "overrides", "message"),
     [
-        ("cond", ["class_grid=true", "n=15"], "n=15 images must be a multiple of label_dim=10"),
-        ("cond", ["class_grid=true", "n=20", "class_label=3"], "leave class_label=null"),
+        (
+            "cond",
+            ["class_grid=true", "num_samples=15"],
+            "num_samples=15 images must be a multiple of label_dim=10",
+        ),
+        ("cond", ["class_grid=true", "num_samples=20", "class_label=3"], "leave class_label=null"),
         ("uncond", ["class_grid=true"], "class_grid=true needs a class-conditional"),
         # an unconditional guide of a conditional model is EDM2's guidance; the reverse is refused
         ("uncond", ["guide_ckpt=cond"], "has label_dim=10 but ckpt has 0"),
@@ -133,11 +137,11 @@ def test_unconditional_autoguidance_samples(tiny_ckpts, tmp_path):
     """Autoguidance needs no labels: an unconditional model guided by (here) itself at w=3 gives
     the unguided images."""
     ckpt = tiny_ckpts["uncond"]
-    plain = sample(_sample_cfg(tmp_path / "plain", [f"ckpt={ckpt}", "n=4", "npz=true"]))
+    plain = sample(_sample_cfg(tmp_path / "plain", [f"ckpt={ckpt}", "num_samples=4", "npz=true"]))
     guided = sample(
         _sample_cfg(
             tmp_path / "guided",
-            [f"ckpt={ckpt}", f"guide_ckpt={ckpt}", "guidance=3", "n=4", "npz=true"],
+            [f"ckpt={ckpt}", f"guide_ckpt={ckpt}", "guidance=3", "num_samples=4", "npz=true"],
         )
     )
     a = np.load(plain / "samples.npz")["samples"].astype(int)

@@ -150,7 +150,7 @@ def test_sample_app_takes_pickles_and_exported_folders(tmp_path):
                 f"ckpt={ckpt}",
                 "sampler=heun",
                 "sampler.nfe=5",
-                "n=3",
+                "num_samples=3",
                 "npz=true",
                 f"outdir={out}",
                 "device=cpu",

@@ -78,7 +78,10 @@ def test_every_published_models_doc_command_runs(tmp_path):
         ("dl-export ckpt=$NET", ""),
         ("python train.py", f"{train} {TINY_MODEL} trainer=cpu data.num_workers=0"),
         ("dl-export ckpt=$CKPT", ""),
-        ("python sample.py ckpt=exported/my-model", f"n=2 sampler.nfe=3 device=cpu {logs}"),
+        (
+            "python sample.py ckpt=exported/my-model",
+            f"num_samples=2 sampler.nfe=3 device=cpu {logs}",
+        ),
         ("dl-export ckpt=$PKL", ""),
     ]
     commands = _blocks()

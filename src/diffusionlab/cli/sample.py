@@ -31,7 +31,7 @@ def sample(cfg: DictConfig) -> Path:
     """Generate one image per seed into ``cfg.outdir``; returns the output directory. Every
     setting is checked first; the grid is then logged as ``samples/grid`` to a W&B run (job type
     sample), finished when this returns."""
-    seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "n", int, at_least=1))
+    seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
     bs = number(cfg, "batch_size", int, at_least=1)
     guidance = number(cfg, "guidance")
     sampler_numbers(cfg)
@@ -58,7 +58,7 @@ def sample(cfg: DictConfig) -> Path:
 
 
 def class_grid_labels(cfg: DictConfig, n: int, label_dim: int) -> torch.Tensor | None:
-    """With ``class_grid=true``: the label of each of the ``n`` images, one row of
+    """With ``class_grid=true``: the label of each of the ``n`` images (``num_samples``), one row of
     ``n // label_dim`` images per class (class k in row k); None otherwise."""
     if not cfg.class_grid:
         return None
@@ -68,8 +68,8 @@ def class_grid_labels(cfg: DictConfig, n: int, label_dim: int) -> torch.Tensor |
         raise ConfigError("class_grid=true draws every class: leave class_label=null")
     if n % label_dim:
         raise ConfigError(
-            f"class_grid=true: n={n} images must be a multiple of label_dim={label_dim} "
-            f"(e.g. n={label_dim * 8})"
+            f"class_grid=true: num_samples={n} images must be a multiple of "
+            f"label_dim={label_dim} (e.g. num_samples={label_dim * 8})"
         )
     return torch.arange(n) // (n // label_dim)
 

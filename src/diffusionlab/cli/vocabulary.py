@@ -72,7 +72,10 @@ class Rename:
 
 # The renames of issue 21 (one vocabulary); the old spellings stop working in the next release.
 # Longer keys first where one is under another (sweep.grids before sweep).
-RENAMES: tuple[Rename, ...] = ()
+RENAMES: tuple[Rename, ...] = (
+    # sample.py: how many images
+    Rename("n", "num_samples", ("sample",)),
+)
 
 # Hydra flags followed by a value that is not an override
 _FLAGS_WITH_VALUE = {
