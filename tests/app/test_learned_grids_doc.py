@@ -33,7 +33,7 @@ def test_every_learned_grids_doc_command_runs(tmp_path):
         "dl-fit-grid": FIT,
         "python sample.py": f"num_samples=2 batch_size=2 {logs}",
         "python evaluate.py": f"dataset=digits eval.num_samples=20 eval.extractor_steps=20 "
-        f"eval.metrics=[fid] eval.cache_dir={tmp_path / 'cache'} sweep.nfe=[3] {logs}",
+        f"eval.metrics=[fid] eval.cache_dir={tmp_path / 'cache'} nfe_sweep.nfe=[3] {logs}",
         "python train.py": " ".join(o for o in fast_overrides(tmp_path / "logs") if "nfe" not in o),
         "python bench/learned_grids.py": "--nfe 5 --samplers dpmpp_2m --targets gaussian16 "
         f"--steps 5 --n-fit 16 --n-test 32 --out {tmp_path / 'bench'}",

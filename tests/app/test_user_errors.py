@@ -117,10 +117,10 @@ def test_invalid_numbers_in_sample_and_evaluate(tmp_path, ckpt):
     assert "eval.num_samples=0 must be >= 2" in _message(evaluate, cfg)
     cfg = _compose(
         "evaluate",
-        [f"ckpt={ckpt}", "dataset=digits", "sweep.samplers=[heun]", "sweep.nfe=[0]"],
+        [f"ckpt={ckpt}", "dataset=digits", "nfe_sweep.samplers=[heun]", "nfe_sweep.nfe=[0]"],
         tmp_path,
     )
-    assert "sweep.samplers=heun: nfe must be >= 1" in _message(evaluate, cfg)
+    assert "nfe_sweep.samplers=heun: nfe must be >= 1" in _message(evaluate, cfg)
 
 
 # ---------------------------------------------------------------- data and model

@@ -109,7 +109,7 @@ def test_evaluate_and_sample_runs_join_the_training_run(grid, tmp_path, monkeypa
     ckpt = grid / "0" / "checkpoints" / "last.ckpt"
     cfg = _compose(
         "evaluate",
-        [f"ckpt={ckpt}", *EVAL, "sweep.samplers=[euler,heun]", "sweep.nfe=[2,3]"]
+        [f"ckpt={ckpt}", *EVAL, "nfe_sweep.samplers=[euler,heun]", "nfe_sweep.nfe=[2,3]"]
         + [f"eval.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'eval'}"],
     )
     result = evaluate(cfg)

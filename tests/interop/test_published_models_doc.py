@@ -73,7 +73,7 @@ def test_every_published_models_doc_command_runs(tmp_path):
         ("python evaluate.py ckpt=$PKL", f"{ev} {logs}"),
         ("dl-fit-grid ckpt=$PKL", FIT),
         ("python evaluate.py ckpt=$PKL", f"{ev} {logs}"),
-        ("python evaluate.py ckpt=$PKL", f"{ev} sweep.nfe=[10,12] {logs}"),
+        ("python evaluate.py ckpt=$PKL", f"{ev} nfe_sweep.nfe=[10,12] {logs}"),
         ("python sample.py ckpt=$NET", f"seeds=0-1 outdir={tmp_path / 'o2'} device=cpu {logs}"),
         ("dl-export ckpt=$NET", ""),
         ("python train.py", f"{train} {TINY_MODEL} trainer=cpu data.num_workers=0"),

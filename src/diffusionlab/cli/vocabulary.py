@@ -75,6 +75,9 @@ class Rename:
 RENAMES: tuple[Rename, ...] = (
     # sample.py: how many images
     Rename("n", "num_samples", ("sample",)),
+    # evaluate.py: the NFE sweep beside ema_sweep; its sigma-grid rules are discretizations
+    Rename("sweep.grids", "nfe_sweep.discretizations", ("evaluate",)),
+    Rename("sweep", "nfe_sweep", ("evaluate",)),
 )
 
 # Hydra flags followed by a value that is not an override

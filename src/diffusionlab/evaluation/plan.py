@@ -60,7 +60,8 @@ class BitsPerDim:
 
 @dataclass(frozen=True)
 class NFESweep:
-    """``sweep.*``: every sampler x grid (``grids``, [] = the sampler's own) x NFE."""
+    """``nfe_sweep.*``: every sampler x discretization (``grids`` from ``discretizations``, [] =
+    the sampler's own) x NFE."""
 
     samplers: tuple[str, ...]
     nfe: tuple[int, ...]
@@ -116,9 +117,10 @@ class EvaluationPlan:
                 "ema_sweep.sigma_rels needs one ckpt=<run>/checkpoints/last.ckpt of an ema=power run"
             )
         several = len(ckpts) > 1 or bool(sigma_rels)
-        if several and (cfg.sweep.samplers or bpd.num_images or cfg.guide_ckpt):
+        if several and (cfg.nfe_sweep.samplers or bpd.num_images or cfg.guide_ckpt):
             raise ConfigError(
-                "sweep.samplers, bpd.num_images and guide_ckpt need a single ckpt (no list, no ema_sweep)"
+                "nfe_sweep.samplers, bpd.num_images and guide_ckpt need a single ckpt (no list, no "
+                "ema_sweep)"
             )
         score = _score_settings(cfg, several)
         guidance = float(number(cfg, "guidance"))
@@ -134,9 +136,9 @@ class EvaluationPlan:
             class_label=cfg.class_label,
             score=score,
             sweep=NFESweep(
-                samplers=tuple(cfg.sweep.samplers),
-                nfe=tuple(int(n) for n in cfg.sweep.nfe),
-                grids=tuple(cfg.sweep.get("grids") or ()),
+                samplers=tuple(cfg.nfe_sweep.samplers),
+                nfe=tuple(int(n) for n in cfg.nfe_sweep.nfe),
+                grids=tuple(cfg.nfe_sweep.get("discretizations") or ()),
             ),
             ema_sigma_rels=sigma_rels,
             ema_snapshots=str(cfg.ema_sweep.snapshots) if cfg.ema_sweep.snapshots else None,
@@ -164,8 +166,10 @@ def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
         raise ConfigError(f"eval.metrics={metrics!r} must be a list drawn from {list(METRICS)}")
     if not metrics and not recognition:
         raise ConfigError("eval.metrics=[] and eval.recognition=false: nothing to evaluate")
-    if not metrics and (several or cfg.sweep.samplers):
-        raise ConfigError("eval.metrics=[]: the FID sweeps (ckpt list, sweep.samplers) need FID")
+    if not metrics and (several or cfg.nfe_sweep.samplers):
+        raise ConfigError(
+            "eval.metrics=[]: the FID sweeps (ckpt list, nfe_sweep.samplers) need FID"
+        )
     if recognition:
         number(cfg, "eval.recognition_threshold", above=0.0)
     if e.split not in SPLITS:

@@ -69,7 +69,7 @@ def load(plan: EvaluationPlan) -> Loaded:
             )
     sweep = sweep_specs(plan, spec, ckpt)
     for swept in sweep:
-        swept.check(module.schedule, "sweep.samplers")
+        swept.check(module.schedule, "nfe_sweep.samplers")
     return Loaded([ckpt], module, guide, spec, sweep)
 
 
@@ -89,12 +89,12 @@ def reconstructed_checkpoints(plan: EvaluationPlan) -> list[str]:
 
 
 def sweep_specs(plan: EvaluationPlan, spec: SamplerSpec, ckpt: str) -> list[SamplerSpec]:
-    """The swept sampler specs: every sampler x grid (``sweep.grids``, default the discretization
+    """The swept sampler specs: every sampler x grid (``nfe_sweep.discretizations``, default the discretization
     of ``spec``; ``learned`` reads the grids fitted beside ``ckpt``) x NFE."""
     grids = plan.sweep.grids or (spec.discretization,)
     return [
         SamplerSpec.from_config(
-            {"name": name, "nfe": nfe, "discretization": grid}, ckpt=ckpt, key="sweep"
+            {"name": name, "nfe": nfe, "discretization": grid}, ckpt=ckpt, key="nfe_sweep"
         )
         for name in plan.sweep.samplers
         for grid in grids
@@ -205,7 +205,7 @@ def recognition(
 def nfe_sweep(plan: EvaluationPlan, loaded: Loaded, evaluator: Evaluator) -> list[dict]:
     """Metrics for every swept (sampler, grid, NFE) with the plan's seeds; writes nfe_sweep.csv,
     nfe_sweep.md and fid_vs_nfe.png (one line per sampler, or per sampler/grid when
-    ``sweep.grids`` has several)."""
+    ``nfe_sweep.discretizations`` has several)."""
     rows = []
     several = len(plan.sweep.grids) > 1
     for spec in loaded.sweep:
