@@ -62,7 +62,7 @@ def sweep(tmp_path_factory) -> Path:
 
 def test_compare_writes_table_and_figures_of_a_four_job_sweep(sweep, tmp_path):
     out = tmp_path / "report"
-    result = run_compare([f"sweep={sweep}", f"out={out}"])
+    result = run_compare([f"sweep_dir={sweep}", f"outdir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _read_csv(out / "compare.csv")
     assert list(rows[0]) == [
@@ -93,11 +93,11 @@ def test_compare_writes_table_and_figures_of_a_four_job_sweep(sweep, tmp_path):
     assert Image.open(out / "loss_curves.png").size == (700, 450)
     width, height = Image.open(out / "samples_grid.png").size
     assert 1000 <= width <= 1300 and 250 <= height <= 450  # 4 panels in one row
-    assert not (sweep / "compare.csv").exists()  # out= was honoured
+    assert not (sweep / "compare.csv").exists()  # outdir= was honoured
 
 
 def test_compare_writes_into_the_sweep_by_default(sweep):
-    paths = compare(_compose_compare([f"sweep={sweep}", "columns=2"]))
+    paths = compare(_compose_compare([f"sweep_dir={sweep}", "columns=2"]))
     assert {p.parent for p in paths.values()} == {sweep}
     width, height = Image.open(paths["samples_grid.png"]).size
     assert height > width / 2  # 2 x 2 panels
@@ -111,13 +111,13 @@ def _compose_compare(overrides: list[str]):
 
 def test_compare_refuses_what_is_not_a_sweep(sweep, tmp_path):
     with pytest.raises(ConfigError, match="is a single run"):
-        compare(_compose_compare([f"sweep={sweep / '0'}"]))
+        compare(_compose_compare([f"sweep_dir={sweep / '0'}"]))
     with pytest.raises(ConfigError, match="holds no job folders"):
-        compare(_compose_compare([f"sweep={tmp_path}"]))
+        compare(_compose_compare([f"sweep_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="is not a folder"):
-        compare(_compose_compare([f"sweep={tmp_path / 'missing'}"]))
+        compare(_compose_compare([f"sweep_dir={tmp_path / 'missing'}"]))
     result = run_compare([])
-    assert result.returncode != 0 and "error: pass sweep=" in result.stderr
+    assert result.returncode != 0 and "error: pass sweep_dir=" in result.stderr
 
 
 def test_overrides_labels_and_smoothing():

@@ -1,4 +1,4 @@
-"""``dl-compare sweep=logs/train/multiruns/<ts>``: one table (markdown + CSV) of a sweep's jobs,
+"""``dl-compare sweep_dir=logs/train/multiruns/<ts>``: one table (markdown + CSV) of a sweep's jobs,
 their loss curves in one PNG and their last sample grids side by side."""
 
 from __future__ import annotations
@@ -27,19 +27,19 @@ log = logging.getLogger(__name__)
 
 def compare(cfg: DictConfig) -> dict[str, Path]:
     """Write compare.md, compare.csv, loss_curves.png and samples_grid.png; returns their paths."""
-    if OmegaConf.is_missing(cfg, "sweep"):
+    if OmegaConf.is_missing(cfg, "sweep_dir"):
         raise ConfigError(
-            "pass sweep=<multirun folder>, e.g. sweep=logs/train/multiruns/<timestamp>"
+            "pass sweep_dir=<multirun folder>, e.g. sweep_dir=logs/train/multiruns/<timestamp>"
         )
-    jobs = read_sweep(cfg.sweep, cfg.loss_key)
-    out = Path(cfg.out or cfg.sweep).expanduser()
+    jobs = read_sweep(cfg.sweep_dir, cfg.loss_key)
+    out = Path(cfg.outdir or cfg.sweep_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     keys = varying_keys(jobs)
     labels = [label(job, keys) for job in jobs]
     columns, rows = table_rows(jobs, list(cfg.metrics))
     paths = {name: out / name for name in ("compare.md", "compare.csv")}
     paths |= {name: out / name for name in ("loss_curves.png", "samples_grid.png")}
-    write_markdown(paths["compare.md"], f"Sweep {Path(cfg.sweep).name}", columns, rows, jobs)
+    write_markdown(paths["compare.md"], f"Sweep {Path(cfg.sweep_dir).name}", columns, rows, jobs)
     write_csv(paths["compare.csv"], columns, rows)
     plot_loss_curves(jobs, labels, paths["loss_curves.png"], cfg.loss_key, float(cfg.smooth))
     plot_sample_grids(jobs, labels, paths["samples_grid.png"], int(cfg.columns))

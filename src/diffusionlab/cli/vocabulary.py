@@ -78,6 +78,9 @@ RENAMES: tuple[Rename, ...] = (
     # evaluate.py: the NFE sweep beside ema_sweep; its sigma-grid rules are discretizations
     Rename("sweep.grids", "nfe_sweep.discretizations", ("evaluate",)),
     Rename("sweep", "nfe_sweep", ("evaluate",)),
+    # dl-compare: the sweep folder it reads, the folder it writes
+    Rename("sweep", "sweep_dir", ("compare",)),
+    Rename("out", "outdir", ("compare",)),
 )
 
 # Hydra flags followed by a value that is not an override

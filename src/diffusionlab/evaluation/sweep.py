@@ -82,10 +82,10 @@ def read_sweep(sweep: str | Path, loss_key: str = "train/loss") -> list[Job]:
     """Every job of a multirun folder (``logs/<task>/multiruns/<timestamp>``), in job order."""
     root = Path(sweep).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"sweep={str(sweep)!r} is not a folder")
+        raise ConfigError(f"sweep_dir={str(sweep)!r} is not a folder")
     if (root / ".hydra").is_dir():
         raise ConfigError(
-            f"sweep={str(sweep)!r} is a single run (it has .hydra/), not a sweep; pass a multirun "
+            f"sweep_dir={str(sweep)!r} is a single run (it has .hydra/), not a sweep; pass a multirun "
             "folder such as logs/train/multiruns/<timestamp>"
         )
     dirs = sorted(
@@ -93,7 +93,7 @@ def read_sweep(sweep: str | Path, loss_key: str = "train/loss") -> list[Job]:
     )
     if not dirs:
         raise ConfigError(
-            f"sweep={str(sweep)!r} holds no job folders (<job>/.hydra/overrides.yaml): "
+            f"sweep_dir={str(sweep)!r} holds no job folders (<job>/.hydra/overrides.yaml): "
             "not a Hydra multirun folder"
         )
     jobs = []
