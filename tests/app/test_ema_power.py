@@ -73,7 +73,7 @@ def test_reconstructed_ema_matches_directly_tracked_profile(tmp_path):
         if "sigma_rel_0.0700" not in p.name:
             shutil.copy(p, inputs)
     ckpt = run / "checkpoints" / "last.ckpt"
-    args = [f"snapshots={inputs}", f"ckpt={ckpt}", "sigma_rel=0.07", f"out={tmp_path / 'out'}"]
+    args = [f"snapshots={inputs}", f"ckpt={ckpt}", "sigma_rel=0.07", f"outdir={tmp_path / 'out'}"]
     (out,) = reconstruct_ema(_compose(args))
     assert out == tmp_path / "out" / "ema_0.07.ckpt"
     rebuilt = torch.load(out, weights_only=True)
@@ -107,16 +107,16 @@ def _compose(overrides: list[str]):
 
 def test_reconstruct_errors_name_the_setting(tmp_path):
     run = _train_power(tmp_path, "[0.05,0.1]", steps=2)
-    with pytest.raises(ConfigError, match="pass run="):
+    with pytest.raises(ConfigError, match="pass ckpt="):
         reconstruct_ema(_compose(["sigma_rel=0.07"]))
     with pytest.raises(ConfigError, match="pass sigma_rel="):
-        reconstruct_ema(_compose([f"run={run}"]))
+        reconstruct_ema(_compose([f"ckpt={run}/checkpoints/last.ckpt"]))
     with pytest.raises(
         ConfigError, match=r"sigma_rel=0.4 is out of range: .* 0 < sigma_rel < 0.2887"
     ):
-        reconstruct_ema(_compose([f"run={run}", "sigma_rel=[0.07,0.4]"]))
+        reconstruct_ema(_compose([f"ckpt={run}/checkpoints/last.ckpt", "sigma_rel=[0.07,0.4]"]))
     with pytest.raises(ConfigError, match="is not a folder of EMA snapshots"):
-        reconstruct_ema(_compose([f"run={tmp_path}", "sigma_rel=0.07"]))
+        reconstruct_ema(_compose([f"ckpt={tmp_path}/checkpoints/last.ckpt", "sigma_rel=0.07"]))
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(next((run / "ema_snapshots").glob("*.pt")), one)
@@ -132,6 +132,10 @@ def test_reconstruct_errors_name_the_setting(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("error: ckpt=")
     assert "does not fit the EMA snapshots" in res.stderr
+    # run= (before ckpt= named the run) still works for one release, with a warning
+    assert (
+        "warning: run= is deprecated" in res.stderr and f"use ckpt={run}/checkpoints" in res.stderr
+    )
 
 
 def test_resuming_with_another_number_of_ema_profiles_is_refused(tmp_path):

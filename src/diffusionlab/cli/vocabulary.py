@@ -80,7 +80,7 @@ RENAMES: tuple[Rename, ...] = (
     Rename("sweep", "nfe_sweep", ("evaluate",)),
     # dl-compare: the sweep folder it reads, the folder it writes
     Rename("sweep", "sweep_dir", ("compare",)),
-    Rename("out", "outdir", ("compare",)),
+    Rename("out", "outdir", ("compare", "reconstruct_ema")),
 )
 
 # Hydra flags followed by a value that is not an override
@@ -152,6 +152,14 @@ def prepare_argv(app: str) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     sys.argv = [sys.argv[0], *args]
+
+
+def warn_deprecated(old: str, new: str, instead: str | None = None) -> None:
+    """A deprecated key an app still reads itself (not a plain rename): the warning on stderr."""
+    text = deprecation(old, new)
+    print(
+        f"warning: {text if instead is None else text.replace(f'{new}=', instead)}", file=sys.stderr
+    )
 
 
 def warn_old_command(old: str) -> None:
