@@ -1,4 +1,4 @@
-"""dl-fit-grid: a grid fitted to a checkpoint, stored beside it, found by
+"""dl-fit-sigmas: a grid fitted to a checkpoint, stored beside it, found by
 ``sampler.discretization=learned`` in sample.py, evaluate.py and training, and refused when it
 does not fit the sampler, NFE or checkpoint."""
 
@@ -120,7 +120,7 @@ def test_a_grid_is_refused_for_another_sampler_nfe_or_checkpoint(fitted, tmp_pat
     msg = sample_error("sampler=heun", "sampler.nfe=4", f"sampler.grid={path}")
     assert "was fitted for sampler=dpmpp_2m nfe=4" in msg and "sampler=heun nfe=4" in msg
     msg = sample_error("sampler=dpmpp_2m", "sampler.nfe=5", f"sampler.grid={path}")
-    assert "was fitted for sampler=dpmpp_2m nfe=4" in msg and "dl-fit-grid" in msg
+    assert "was fitted for sampler=dpmpp_2m nfe=4" in msg and "dl-fit-sigmas" in msg
     msg = sample_error("sampler=dpmpp_2m", "sampler.nfe=5")
     assert "no grid for sampler=dpmpp_2m nfe=5 at" in msg and "dpmpp_2m_nfe5.json" in msg
     other = tmp_path / "other" / "last.ckpt"

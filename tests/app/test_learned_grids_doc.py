@@ -30,7 +30,7 @@ def test_every_learned_grids_doc_command_runs(tmp_path):
     ckpt = next((tmp_path / "run").rglob("last.ckpt"))
     logs = f"paths.log_dir={tmp_path / 'logs'}"
     tiny = {
-        "dl-fit-grid": FIT,
+        "dl-fit-sigmas": FIT,
         "python sample.py": f"num_samples=2 batch_size=2 {logs}",
         "python evaluate.py": f"dataset=digits eval.num_samples=20 eval.extractor_steps=20 "
         f"eval.metrics=[fid] eval.cache_dir={tmp_path / 'cache'} nfe_sweep.nfe=[3] {logs}",
@@ -44,7 +44,7 @@ def test_every_learned_grids_doc_command_runs(tmp_path):
     assert [c.split(" ckpt")[0].split(" sampler")[0] for c in commands] == list(tiny)
     for line, extra in zip(commands, tiny.values(), strict=True):
         cmd = line.replace("python ", f"{sys.executable} ", 1)
-        cmd = cmd.replace("dl-fit-grid", f"{sys.executable} -m diffusionlab.cli.fit_grid", 1)
+        cmd = cmd.replace("dl-fit-sigmas", f"{sys.executable} -m diffusionlab.cli.fit_grid", 1)
         res = subprocess.run(
             f"{cmd} {extra}", shell=True, cwd=ROOT, env=env, capture_output=True, text=True
         )

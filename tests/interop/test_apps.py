@@ -1,4 +1,4 @@
-"""The apps that take ckpt= take a pickle or an exported folder too: editing apps, dl-fit-grid
+"""The apps that take ckpt= take a pickle or an exported folder too: editing apps, dl-fit-sigmas
 (its grid beside the pickle, inside the folder) and train.py init_ckpt=."""
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def test_every_published_models_doc_command_runs(tmp_path):
     tiny = [
         ("python sample.py ckpt=$PKL", f"seeds=0-3 outdir={tmp_path / 'o1'} device=cpu {logs}"),
         ("python evaluate.py ckpt=$PKL", f"{ev} {logs}"),
-        ("dl-fit-grid ckpt=$PKL", FIT),
+        ("dl-fit-sigmas ckpt=$PKL", FIT),
         ("python evaluate.py ckpt=$PKL", f"{ev} {logs}"),
         ("python evaluate.py ckpt=$PKL", f"{ev} nfe_sweep.nfe=[10,12] {logs}"),
         ("python sample.py ckpt=$NET", f"seeds=0-1 outdir={tmp_path / 'o2'} device=cpu {logs}"),

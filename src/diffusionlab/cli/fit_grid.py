@@ -1,4 +1,4 @@
-"""``dl-fit-grid ckpt=... sampler=dpmpp_2m sampler.nfe=10``: fit the sampler's sigma grid to the
+"""``dl-fit-sigmas ckpt=... sampler=dpmpp_2m sampler.nfe=10``: fit the sampler's sigma grid to the
 checkpoint's EMA denoiser at that NFE (:func:`~diffusionlab.diffusion.grid_fit.fit_discretization`)
 and store it beside the checkpoint, where ``sampler.discretization=learned`` finds it."""
 
@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
+from diffusionlab.cli.vocabulary import warn_old_command
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.grid_fit import GridFit, GridFitSettings, fit_discretization
 from diffusionlab.diffusion.learned_grids import grid_path, save_grid
@@ -78,7 +79,7 @@ def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
         )
     except ValueError as e:
         raise ConfigError(f"sampler={name} nfe={nfe}: {e}") from None
-    path = Path(cfg.out) if cfg.out else grid_path(cfg.ckpt, name, nfe)
+    path = Path(cfg.dest).expanduser() if cfg.dest else grid_path(cfg.ckpt, name, nfe)
     save_grid(path, fit, cfg.ckpt)
     log.info(
         "%s nfe=%d: held-out distance to the teacher %.5g -> %.5g (%.1f s); grid %s -> %s",
@@ -100,8 +101,14 @@ def app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``dl-fit-grid``: user errors end as one ``error: ...`` line, as in the other apps."""
+    """``dl-fit-sigmas``: user errors end as one ``error: ...`` line, as in the other apps."""
     run_cli(app, "fit_grid")
+
+
+def main_old_name() -> None:
+    """``dl-fit-grid``, the old name of ``dl-fit-sigmas`` (one more release, with a warning)."""
+    warn_old_command("dl-fit-grid")
+    main()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ APPS: dict[str, str] = {
     "dl-dataset": "dataset_tool",
     "dl-edit": "edit",
     "dl-export": "export",
-    "dl-fit-grid": "fit_grid",
+    "dl-fit-sigmas": "fit_grid",
     "dl-inpaint": "inpaint",
     "dl-interpolate": "interpolate",
     "dl-reconstruct-ema": "reconstruct_ema",
@@ -81,6 +81,8 @@ RENAMES: tuple[Rename, ...] = (
     # dl-compare: the sweep folder it reads, the folder it writes
     Rename("sweep", "sweep_dir", ("compare",)),
     Rename("out", "outdir", ("compare", "reconstruct_ema")),
+    # dl-fit-sigmas writes one file: dest, as dl-export and dl-dataset write theirs
+    Rename("out", "dest", ("fit_grid",)),
 )
 
 # Hydra flags followed by a value that is not an override

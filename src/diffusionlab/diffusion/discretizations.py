@@ -100,11 +100,11 @@ def ddpm_respacing(
 
 
 def learned(n: int, sigmas: Any, dtype: torch.dtype = torch.float64) -> Tensor:
-    """A fitted grid (``dl-fit-grid``) as a tensor, checked to have ``n`` positive sigmas + 0."""
+    """A fitted grid (``dl-fit-sigmas``) as a tensor, checked to have ``n`` positive sigmas + 0."""
     _check_n(n)
     if sigmas is None:
         raise ValueError(
-            "discretization 'learned' needs a fitted grid (dl-fit-grid; sampler.grid=<file>)"
+            "discretization 'learned' needs a fitted grid (dl-fit-sigmas; sampler.grid=<file>)"
         )
     grid = torch.as_tensor(sigmas, dtype=torch.float64)
     if grid.dim() != 1 or len(grid) != n + 1:

@@ -79,7 +79,7 @@ def resolve_sampler(
             raise ConfigError(f"{key}.grid is read only with {key}.discretization=learned")
         return sampler
     name, nfe = sampler["name"], int(sampler["nfe"])
-    fit_cmd = f"dl-fit-grid ckpt=<checkpoint> sampler={name} sampler.nfe={nfe}"
+    fit_cmd = f"dl-fit-sigmas ckpt=<checkpoint> sampler={name} sampler.nfe={nfe}"
     if sampler.get("grid"):
         path = Path(str(sampler["grid"]))
     elif ckpt:
