@@ -33,7 +33,7 @@ from .helpers import ROOT, fast_overrides, run_app
 DOC = ROOT / "docs" / "editing.md"
 APPS = {"dl-edit": edit, "dl-inpaint": inpaint, "dl-interpolate": interpolate}
 FAST = ["inputs.indices=[0,1,2,3]", "sampler.nfe=3"]
-FAST_APP = {"edit": [], "inpaint": ["samples=2"], "interpolate": ["steps=3", "pairs=2"]}
+FAST_APP = {"edit": [], "inpaint": ["num_samples=2"], "interpolate": ["steps=3", "pairs=2"]}
 
 
 @pytest.fixture(scope="module")

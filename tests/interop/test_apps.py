@@ -57,7 +57,7 @@ def digits_pkl(tmp_path_factory):
     ("app", "name", "extra"),
     [
         (edit, "edit", ["sigma_edit=[0.5,5]"]),
-        (inpaint, "inpaint", ["samples=2"]),
+        (inpaint, "inpaint", ["num_samples=2"]),
         (interpolate, "interpolate", ["steps=3", "pairs=2"]),
     ],
 )

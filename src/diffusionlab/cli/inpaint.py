@@ -1,5 +1,5 @@
 """``dl-inpaint ckpt=... mask=centre_box``: RePaint inpainting (Lugmayr et al. 2022) of given
-images; ``inpaint.png`` has one row per input (input, masked input, ``samples`` fills) and
+images; ``inpaint.png`` has one row per input (input, masked input, ``num_samples`` fills) and
 ``inpaint.json`` the largest change of a kept pixel (0: kept bitwise)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from diffusionlab.diffusion.editing import repaint
 
 def inpaint(cfg: DictConfig) -> Path:
     """Write ``inpaint.png`` and ``inpaint.json`` into ``cfg.outdir``."""
-    k = int(number(cfg, "samples", int, at_least=1))
+    k = int(number(cfg, "num_samples", int, at_least=1))
     resample = int(number(cfg, "resample", int, at_least=1))
     seed = int(number(cfg, "seed", int))
     scale = int(number(cfg, "scale", int, at_least=1))

@@ -83,6 +83,8 @@ RENAMES: tuple[Rename, ...] = (
     Rename("out", "outdir", ("compare", "reconstruct_ema")),
     # dl-fit-sigmas writes one file: dest, as dl-export and dl-dataset write theirs
     Rename("out", "dest", ("fit_grid",)),
+    # dl-inpaint: fills per input
+    Rename("samples", "num_samples", ("inpaint",)),
 )
 
 # Hydra flags followed by a value that is not an override
