@@ -141,7 +141,7 @@ def test_reconstruct_errors_name_the_setting(tmp_path):
 def test_resuming_with_another_number_of_ema_profiles_is_refused(tmp_path):
     run = _train_power(tmp_path, "[0.05,0.1]", steps=1)
     overrides = [*fast_overrides(tmp_path), "trainer.max_steps=2"]
-    resume = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    resume = f"resume_ckpt={run / 'checkpoints' / 'last.ckpt'}"
     with pytest.raises(ConfigError, match=r"holds 2 EMA profile\(s\), the ema config 1"):
         train(compose_train([*overrides, resume], tmp_path / "resumed"))
 

@@ -71,7 +71,7 @@ def test_guide_survives_resume(tmp_path):
     """Resumed at step 2 (after the guide was taken) into a fresh directory, without guide.ckpt:
     the guide comes from the checkpoint's callback state and is carried on unchanged."""
     full = _run(tmp_path / "a", [])
-    resumed = _run(tmp_path / "b", [f"ckpt_path={full / 'checkpoints' / 'step_000002.ckpt'}"])
+    resumed = _run(tmp_path / "b", [f"resume_ckpt={full / 'checkpoints' / 'step_000002.ckpt'}"])
     assert not (resumed / "checkpoints" / "guide.ckpt").exists()
     assert (resumed / "samples" / "step_000004_autoguided.png").exists()
     a, b = (

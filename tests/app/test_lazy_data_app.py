@@ -48,7 +48,7 @@ def test_zip_dataset_trains_with_workers_and_resumes_bitwise(tmp_path):
     train(cfg)
     assert (cfg.dataset.resolution, cfg.dataset.channels, cfg.dataset.num_classes) == (8, 3, 3)
     step2 = tmp_path / "full" / "checkpoints" / "step_000002.ckpt"
-    resume = [f"ckpt_path={step2}"]
+    resume = [f"resume_ckpt={step2}"]
     train(compose_train(_overrides(tmp_path, path, 4, resume), tmp_path / "resumed"))
     full, resumed = (
         torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=True)

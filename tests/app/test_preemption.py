@@ -57,7 +57,7 @@ def test_signal_saves_last_ckpt_exits_zero_and_resumes(tmp_path, sig):
     assert saved.group(1) == str(ckpts / "last.ckpt") and step >= 2
     assert read_checkpoint(ckpts / "last.ckpt", "ckpt")["global_step"] == step
     resumed = [*fast_overrides(tmp_path), f"trainer.max_steps={step + 2}"]
-    train(compose_train([*resumed, f"ckpt_path={ckpts / 'last.ckpt'}"], tmp_path / "b"))
+    train(compose_train([*resumed, f"resume_ckpt={ckpts / 'last.ckpt'}"], tmp_path / "b"))
     assert read_checkpoint(tmp_path / "b/checkpoints/last.ckpt", "c")["global_step"] == step + 2
 
 

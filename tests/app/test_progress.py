@@ -19,7 +19,7 @@ def test_progress_bar_shows_steps_out_of_max_steps(tmp_path, capsys):
     (line,) = _bar_lines(capsys)
     assert line.startswith("step") and "Epoch" not in line
     assert re.search(r" 2/2 ", line), line
-    resume = f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"
+    resume = f"resume_ckpt={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"
     train(compose_train([*base, "trainer.max_steps=3", resume], tmp_path / "b"))
     assert re.search(r" 3/3 ", _bar_lines(capsys)[-1])
 

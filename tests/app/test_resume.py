@@ -84,7 +84,7 @@ def test_sigkilled_run_resumes_bitwise(tmp_path, monkeypatch, extra):
     assert not (killed / "checkpoints" / f"step_{STEPS:06d}.ckpt").exists()
 
     resumed_dir = tmp_path / "resumed"
-    resume = [f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"]
+    resume = [f"resume_ckpt={killed / 'checkpoints' / 'last.ckpt'}"]
     train(compose_train(_overrides(tmp_path, extra) + resume, resumed_dir))
 
     full, resumed = _ckpt(tmp_path / "uninterrupted"), _ckpt(resumed_dir)
@@ -108,15 +108,15 @@ def _global_step(run: Path) -> int:
     return _ckpt(run)["global_step"]
 
 
-def test_ckpt_path_last_and_auto_resume(tmp_path):
+def test_resume_ckpt_last_and_auto_resume(tmp_path):
     base = [*fast_overrides(tmp_path), "~callbacks.sample_grid", "~callbacks.lr_monitor"]
     base += ["callbacks.model_checkpoint.every_n_train_steps=1"]
     runs = tmp_path / "train" / "runs"
-    with pytest.raises(ConfigError, match="ckpt_path=last: no .*/train/runs/"):
-        train(compose_train([*base, "ckpt_path=last"], runs / "first"))
+    with pytest.raises(ConfigError, match="resume_ckpt=last: no .*/train/runs/"):
+        train(compose_train([*base, "resume_ckpt=last"], runs / "first"))
     train(compose_train([*base, "trainer.max_steps=2"], runs / "first"))
     # the newest run's last.ckpt
-    train(compose_train([*base, "trainer.max_steps=3", "ckpt_path=last"], runs / "second"))
+    train(compose_train([*base, "trainer.max_steps=3", "resume_ckpt=last"], runs / "second"))
     assert _global_step(runs / "second") == 3
     assert int(_rows(runs / "second", after=0)[0]["step"]) == 2  # continued, not restarted
     # the same run directory again: auto_resume picks up its own last.ckpt
@@ -124,7 +124,7 @@ def test_ckpt_path_last_and_auto_resume(tmp_path):
     assert _global_step(runs / "second") == 4
 
 
-def test_missing_ckpt_path_is_a_config_error(tmp_path):
-    cfg = compose_train([*fast_overrides(tmp_path), "ckpt_path=nope.ckpt"], tmp_path)
-    with pytest.raises(ConfigError, match="ckpt_path='nope.ckpt' does not exist"):
+def test_missing_resume_ckpt_is_a_config_error(tmp_path):
+    cfg = compose_train([*fast_overrides(tmp_path), "resume_ckpt=nope.ckpt"], tmp_path)
+    with pytest.raises(ConfigError, match="resume_ckpt='nope.ckpt' does not exist"):
         train(cfg)

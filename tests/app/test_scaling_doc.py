@@ -62,7 +62,7 @@ def test_every_scaling_doc_command_runs(tmp_path):
 
     for line in commands:
         # a resumed run needs more steps than the checkpoint it starts from
-        cmd = command(line, 4 if "ckpt_path" in line or "auto_resume" in line else 2)
+        cmd = command(line, 4 if "resume_ckpt" in line or "auto_resume" in line else 2)
         if line.endswith("&"):
             first = subprocess.Popen(cmd, shell=True, cwd=tmp_path, env=env)
             continue

@@ -95,7 +95,7 @@ def test_run_writes_checkpoints_samples_metrics_and_resumes(tmp_path):
         [
             *fast_overrides(tmp_path),
             "trainer.max_steps=5",
-            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            f"resume_ckpt={run / 'checkpoints' / 'last.ckpt'}",
         ],
         tmp_path / "b",
     )

@@ -200,8 +200,8 @@ def _bad_checkpoints(folder: Path, ckpt: Path) -> dict[str, tuple[Path, str]]:
 
 def test_bad_checkpoint_files(tmp_path, ckpt):
     for name, (path, expected) in _bad_checkpoints(tmp_path / "bad", ckpt).items():
-        text = _train_error(tmp_path, f"ckpt_path={path}")
-        assert text.startswith(f"ckpt_path='{path}'") and expected in text, (name, text)
+        text = _train_error(tmp_path, f"resume_ckpt={path}")
+        assert text.startswith(f"resume_ckpt='{path}'") and expected in text, (name, text)
         text = _sample_error(tmp_path, f"ckpt={path}")
         assert text.startswith(f"ckpt='{path}'") and expected in text, (name, text)
         cfg = _compose("evaluate", [f"ckpt={path}", "dataset=digits"], tmp_path)
@@ -223,9 +223,9 @@ def test_checkpoint_loading_runs_no_code(tmp_path):
 
 
 def test_resume_from_a_different_model_config(tmp_path, ckpt):
-    text = _train_error(tmp_path, f"ckpt_path={ckpt}", "model.model_channels=8")
+    text = _train_error(tmp_path, f"resume_ckpt={ckpt}", "model.model_channels=8")
     assert "is from a different model config (model.model_channels: 16 -> 8)" in text
-    text = _train_error(tmp_path, f"ckpt_path={ckpt}", "schedule=vp", "parameterization=eps")
+    text = _train_error(tmp_path, f"resume_ckpt={ckpt}", "schedule=vp", "parameterization=eps")
     assert "schedule._target_" in text
 
 

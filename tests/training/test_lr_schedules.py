@@ -102,7 +102,7 @@ def test_the_optimizer_uses_the_schedule_per_step_and_resumes_exactly(tmp_path):
     # resumed from step 3, the run continues the same curve
     resumed = [a for a in args if "full" not in a]
     resumed += [f"paths.log_dir={tmp_path / 'resumed'}"]
-    resumed += [f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step_000003.ckpt'}"]
+    resumed += [f"resume_ckpt={tmp_path / 'full' / 'checkpoints' / 'step_000003.ckpt'}"]
     train(compose_train(resumed, tmp_path / "resumed"))
     assert _lrs(tmp_path / "resumed" / "metrics.csv") == pytest.approx(want[3:])
 

@@ -160,7 +160,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     module, datamodule = build(cfg)
     ckpt_path = resume_checkpoint(cfg)
     if ckpt_path:
-        check_resumable(ckpt_path, "ckpt_path", module.hparams)
+        check_resumable(ckpt_path, "resume_ckpt", module.hparams)
     elif cfg.get("init_ckpt"):  # fine-tune: weights of a checkpoint, NVlabs pickle or export
         init_weights(module, str(cfg.init_ckpt))
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
@@ -204,15 +204,15 @@ def make_trainer(
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path`` (a file, or ``last`` for the newest
+    """The checkpoint to resume from: ``resume_ckpt`` (a file, or ``last`` for the newest
     ``<log_dir>/<task>/runs/*/checkpoints/last.ckpt``), else with ``auto_resume`` this run
     directory's own ``checkpoints/last.ckpt`` when it exists."""
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path = cfg.get("resume_ckpt")
     if ckpt_path == "last":
         runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
         found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise ConfigError(f"ckpt_path=last: no {runs}/*/checkpoints/last.ckpt")
+            raise ConfigError(f"resume_ckpt=last: no {runs}/*/checkpoints/last.ckpt")
         return str(found[-1])
     if ckpt_path:
         return str(ckpt_path)

@@ -73,6 +73,8 @@ class Rename:
 # The renames of issue 21 (one vocabulary); the old spellings stop working in the next release.
 # Longer keys first where one is under another (sweep.grids before sweep).
 RENAMES: tuple[Rename, ...] = (
+    # train.py: the checkpoint a run resumes from (every checkpoint key ends in ckpt)
+    Rename("ckpt_path", "resume_ckpt", ("train",)),
     # sample.py: how many images
     Rename("n", "num_samples", ("sample",)),
     # evaluate.py: the NFE sweep beside ema_sweep; its sigma-grid rules are discretizations

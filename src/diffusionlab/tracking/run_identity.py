@@ -20,7 +20,7 @@ NAME_EXCLUDE = (
     "logger",
     "callbacks",
     "tags",
-    "ckpt_path",
+    "resume_ckpt",
     "trainer.log_every_n_steps",
     "trainer.enable_model_summary",
 )

@@ -1,5 +1,5 @@
 """Preemption: SIGTERM or SIGUSR1 saves ``last.ckpt`` at the next step boundary and ends the run
-with exit status 0, so a requeued job continues from it (``ckpt_path=<run>/checkpoints/last.ckpt``).
+with exit status 0, so a requeued job continues from it (``resume_ckpt=<run>/checkpoints/last.ckpt``).
 
 Under SLURM with Lightning's auto-requeue (``SLURMEnvironment``, the default when SLURM runs the
 job), Lightning owns the requeue signal: it writes ``<run>/hpc_ckpt_<n>.ckpt``, calls ``scontrol
