@@ -43,7 +43,11 @@ def test_kill_during_save_keeps_the_previous_last_ckpt(tmp_path):
     assert read_checkpoint(ckpts / "last.ckpt", "ckpt")["global_step"] == 2
     assert read_checkpoint(ckpts / "step_000004.ckpt", "ckpt")["global_step"] == 4
     # the surviving checkpoint resumes
-    resumed = [*fast_overrides(tmp_path), "trainer.max_steps=3", f"resume_ckpt={ckpts / 'last.ckpt'}"]
+    resumed = [
+        *fast_overrides(tmp_path),
+        "trainer.max_steps=3",
+        f"resume_ckpt={ckpts / 'last.ckpt'}",
+    ]
     train(compose_train(resumed, tmp_path / "resumed"))
     assert read_checkpoint(tmp_path / "resumed/checkpoints/last.ckpt", "c")["global_step"] == 3
 

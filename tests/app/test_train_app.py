@@ -28,7 +28,9 @@ def test_default_config_is_the_cpu_mnist_run():
     cfg = compose_train([], Path("/tmp/unused"))
     assert cfg.dataset._target_ == "diffusionlab.data.mnist" and cfg.dataset.resolution == 16
     assert cfg.model.img_resolution == 16 and cfg.model.in_channels == 1
-    assert cfg.trainer.max_steps > 0 and cfg.logger.wandb.mode == "auto"
+    assert (
+        cfg.trainer.max_steps > 0 and cfg.wandb.mode == "auto" and cfg.logger.wandb.mode == "auto"
+    )
     assert set(cfg.logger) == {"csv", "wandb"}
 
 

@@ -48,7 +48,8 @@ def _compose(name: str, overrides: list[str]):
 def grid(tmp_path_factory) -> Path:
     """The issue's 2x2 grid, ``schedule=vp,edm parameterization=eps,v``, tagged."""
     tmp = tmp_path_factory.mktemp("grid")
-    return train_sweep(tmp, ["schedule=vp,edm", "parameterization=eps,v"], ["tags=[grid,digits]"])
+    extra = ["tags=[grid,digits]", "wandb.project=dl-tests"]
+    return train_sweep(tmp, ["schedule=vp,edm", "parameterization=eps,v"], extra)
 
 
 def test_multirun_makes_one_named_run_per_job_in_one_group(grid):
@@ -123,6 +124,7 @@ def test_evaluate_and_sample_runs_join_the_training_run(grid, tmp_path, monkeypa
 
     (run,) = offline_runs(tmp_path / "eval")
     assert run.job_type == "evaluate" and run.group == grid.name and run.exit_code == 0
+    assert train.project == run.project == "dl-tests"  # wandb.project: null joins the train run's
     assert run.name == train.name  # no overrides of its own outside a Hydra app
     assert run.config["train_runs"][0]["id"] == train.id
     rows = run.table("eval/nfe_sweep")

@@ -51,6 +51,8 @@ class OfflineRun:
     name: str = ""
     group: str = ""
     job_type: str = ""
+    project: str = ""
+    entity: str = ""
     tags: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
@@ -102,6 +104,7 @@ def read_run(path: Path) -> OfflineRun:
                 r.job_type,
             )
             run.tags = list(r.tags)
+            run.project, run.entity = r.project, r.entity
             _apply_config(config, r.config.update, r.config.remove)
         elif kind == "config":
             _apply_config(config, rec.config.update, rec.config.remove)

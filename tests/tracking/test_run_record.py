@@ -29,9 +29,10 @@ def test_evaluate_finds_the_wandb_run_of_any_checkpoint_of_the_run(tmp_path):
     run = tmp_path / "run"
     write_run_record(run, {}, [])
     record = json.loads((run / "run.json").read_text())
-    record.update(wandb_id="ab12cd34", name="schedule=vp", group="sweep")
+    record.update(wandb_id="ab12cd34", name="schedule=vp", group="sweep", wandb_project="p")
     (run / "run.json").write_text(json.dumps(record))
     want = {"id": "ab12cd34", "name": "schedule=vp", "group": "sweep", "dir": str(run.resolve())}
+    want |= {"project": "p", "entity": None}
     assert train_run_of(run / "checkpoints" / "step_000003.ckpt") == want
     assert train_run_of(run / "ema_reconstructed" / "ema_0.1.ckpt") == want  # dl-reconstruct-ema
     assert read_run_record(tmp_path / "elsewhere" / "x.ckpt") is None

@@ -24,7 +24,7 @@ from diffusionlab.data.lazy import fill_from_files
 from diffusionlab.errors import ConfigError
 from diffusionlab.interop.module import init_weights
 from diffusionlab.sampling.spec import SamplerSpec
-from diffusionlab.tracking.loggers import finish_wandb_run
+from diffusionlab.tracking.loggers import finish_wandb_run, resolve_wandb_mode
 from diffusionlab.tracking.run_identity import run_config
 from diffusionlab.tracking.run_record import write_run_record
 from diffusionlab.tracking.secrets import redact, secret_values, secrets_kept_out
@@ -191,7 +191,7 @@ def make_trainer(
         Preemption(Path(cfg.paths.output_dir) / "checkpoints"),
     ]
     callbacks += [CompileNetwork()] if cfg.get("compile") else []
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and _wanted(cfg, c)]
     # the datamodule shards the endless sample stream itself (data/sampler.py)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -201,6 +201,14 @@ def make_trainer(
     )
     trainer.accumulate_grad_batches = datamodule.layout(trainer.world_size).accumulation
     return trainer
+
+
+def _wanted(cfg: DictConfig, logger: DictConfig) -> bool:
+    """False for the W&B logger when ``wandb.mode`` (or ``WANDB_MODE``) is ``disabled``: W&B is
+    turned off the same way in every app."""
+    if logger.get("_target_") != "diffusionlab.tracking.loggers.wandb_logger":
+        return True
+    return resolve_wandb_mode(str(logger.get("mode", "auto"))) != "disabled"
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

@@ -75,6 +75,11 @@ class Rename:
 RENAMES: tuple[Rename, ...] = (
     # train.py: the checkpoint a run resumes from (every checkpoint key ends in ckpt)
     Rename("ckpt_path", "resume_ckpt", ("train",)),
+    # W&B settings under wandb.* as in every app
+    *(
+        Rename(f"logger.wandb.{key}", f"wandb.{key}", ("train",))
+        for key in ("project", "entity", "group", "name", "mode", "name_exclude")
+    ),
     # sample.py: how many images
     Rename("n", "num_samples", ("sample",)),
     # evaluate.py: the NFE sweep beside ema_sweep; its sigma-grid rules are discretizations

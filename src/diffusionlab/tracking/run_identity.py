@@ -18,6 +18,7 @@ NAME_EXCLUDE = (
     "paths",
     "hydra",
     "logger",
+    "wandb",
     "callbacks",
     "tags",
     "resume_ckpt",

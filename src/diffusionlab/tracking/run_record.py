@@ -54,6 +54,7 @@ def write_run_record(
         "group": wandb.group if wandb is not None else run_group(hydra, fallback=run_dir),
         "wandb_id": wandb.id if wandb is not None else None,
         "wandb_project": wandb.project if wandb is not None else None,
+        "wandb_entity": wandb.entity if wandb is not None else None,
         "config_sha256": config_digest(config),
         "dir": str(Path(run_dir).resolve()),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

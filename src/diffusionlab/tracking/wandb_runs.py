@@ -21,8 +21,8 @@ from diffusionlab.tracking.secrets import secrets_kept_out
 
 
 def train_run_of(ckpt: str | Path) -> dict[str, str] | None:
-    """The W&B run of the training run that wrote ``ckpt``: id, name and group from its
-    ``run.json``, and the run directory. None when that run logged nothing to W&B."""
+    """The W&B run of the training run that wrote ``ckpt``: id, name, group, project and entity
+    from its ``run.json``, and the run directory. None when that run logged nothing to W&B."""
     found = read_run_record(ckpt)
     if found is None or not found[0].get("wandb_id"):
         return None
@@ -31,13 +31,16 @@ def train_run_of(ckpt: str | Path) -> dict[str, str] | None:
         "id": record["wandb_id"],
         "name": record["name"],
         "group": record["group"],
+        "project": record.get("wandb_project"),
+        "entity": record.get("wandb_entity"),
         "dir": str(run_dir),
     }
 
 
 def start_wandb_run(cfg: DictConfig, ckpts: Sequence[str]) -> Any:
     """``wandb.init`` for an evaluate / sample job (job type ``cfg.task_name``), in the output
-    directory. With checkpoints from one training run it joins that run's group and is named
+    directory. With checkpoints from one training run it joins that run's group, project and entity
+    (unless ``wandb.project`` / ``wandb.entity`` say otherwise) and is named
     ``<train run name> | <own overrides>``; ``train_runs`` in its config lists the train runs."""
     import wandb
 
@@ -53,12 +56,15 @@ def start_wandb_run(cfg: DictConfig, ckpts: Sequence[str]) -> Any:
     else:
         name = own
     group = groups.pop() if len(groups) == 1 else run_group(hydra, cfg.paths.output_dir)
+    project = w.get("project") or _shared(trains, "project") or "diffusionlab"
+    entity = w.get("entity") or _shared(trains, "entity")
     config = {**run_config(cfg), "train_runs": trains}
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     with secrets_kept_out(OmegaConf.to_container(cfg, resolve=True), cfg.paths.output_dir):
         return wandb.init(
             dir=cfg.paths.output_dir,
-            project=w.project,
+            project=project,
+            entity=entity,
             mode=resolve_wandb_mode(w.mode),
             name=w.name or name,
             group=w.group or group,
@@ -66,6 +72,12 @@ def start_wandb_run(cfg: DictConfig, ckpts: Sequence[str]) -> Any:
             tags=list(cfg.tags),
             config=config,
         )
+
+
+def _shared(trains: list[dict], key: str) -> str | None:
+    """The train runs' common ``key`` (project, entity), None when they differ or have none."""
+    values = {t.get(key) for t in trains}
+    return values.pop() if len(values) == 1 else None
 
 
 def log_curve(
