@@ -18,7 +18,7 @@ def test_plain_ema_warmup_values():
 
 
 def test_halflife_ema_matches_edm_formula():
-    ema = HalfLifeEMA(halflife_kimg=500, rampup_ratio=0.05)
+    ema = HalfLifeEMA(halflife_kimg=500, warmup_ratio=0.05)
     # after 10 steps of 512 images: halflife = min(500k, 10*512*0.05) = 256 images
     assert ema.beta(10, 512) == pytest.approx(0.5 ** (512 / 256))
     # late in training the half-life is 500k images

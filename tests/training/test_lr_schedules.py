@@ -18,14 +18,14 @@ from diffusionlab.training.lr_schedules import Constant, Cosine, InverseSqrt, bu
 
 
 def test_constant_ramps_up_linearly_then_stays():
-    f = Constant(rampup_steps=4)
+    f = Constant(warmup_steps=4)
     assert [f(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert Constant(0)(0) == 1.0
 
 
 def test_edm2_inverse_sqrt_matches_the_formula():
     # EDM2 eq. 18: alpha_ref / sqrt(max(t / t_ref, 1)), t in batches; ramp-up first
-    f = InverseSqrt(ref_batches=100, rampup_steps=10)
+    f = InverseSqrt(ref_batches=100, warmup_steps=10)
     assert f(0) == pytest.approx(0.1)
     assert f(4) == pytest.approx(0.5)
     assert f(9) == f(50) == f(100) == 1.0
@@ -36,7 +36,7 @@ def test_edm2_inverse_sqrt_matches_the_formula():
 
 def test_edm2_inverse_sqrt_with_the_img64_preset_values():
     # edm2-img64-s: ref_batches 35000, ramp-up 10 Mimg / 2048 = 4883 steps
-    f = InverseSqrt(ref_batches=35000, rampup_steps=4883)
+    f = InverseSqrt(ref_batches=35000, warmup_steps=4883)
     assert f(4882) == 1.0
     assert f(35000) == 1.0
     assert f(140_000) == pytest.approx(0.5)
@@ -44,7 +44,7 @@ def test_edm2_inverse_sqrt_with_the_img64_preset_values():
 
 
 def test_cosine_decays_to_the_final_ratio():
-    f = Cosine(total_steps=110, rampup_steps=10, final_ratio=0.1)
+    f = Cosine(total_steps=110, warmup_steps=10, final_ratio=0.1)
     assert f(4) == pytest.approx(0.5)  # ramp-up, cosine still at 1
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
@@ -55,7 +55,7 @@ def test_cosine_decays_to_the_final_ratio():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: Constant(-1), "lr_schedule.rampup_steps=-1"),
+        (lambda: Constant(-1), "lr_schedule.warmup_steps=-1"),
         (lambda: InverseSqrt(0), "lr_schedule.ref_batches=0"),
         (lambda: Cosine(total_steps=-1), "lr_schedule.total_steps=-1"),
         (lambda: Cosine(total_steps=10, final_ratio=2), "lr_schedule.final_ratio=2"),
@@ -72,13 +72,13 @@ def test_yaml_groups_build_with_the_shared_ramp_up(name):
         cfg = compose("train", [f"lr_schedule={name}", "lr_warmup_steps=7"])
     container = {k: v for k, v in cfg.lr_schedule.items()}
     f = build_lr_schedule(container)
-    assert f.rampup_steps == 7 and f(0) == pytest.approx(1 / 7)
+    assert f.warmup_steps == 7 and f(0) == pytest.approx(1 / 7)
     if name == "cosine":
         assert f.total_steps == cfg.trainer.max_steps
 
 
 def test_checkpoints_without_a_schedule_get_the_constant_ramp_up():
-    f = build_lr_schedule(None, rampup_steps=200)
+    f = build_lr_schedule(None, warmup_steps=200)
     assert type(f) is Constant and f(99) == 0.5
 
 

@@ -80,6 +80,9 @@ RENAMES: tuple[Rename, ...] = (
         Rename(f"logger.wandb.{key}", f"wandb.{key}", ("train",))
         for key in ("project", "entity", "group", "name", "mode", "name_exclude")
     ),
+    # warm-up is spelled "warmup" everywhere (lr_warmup_steps, ema.warmup, ...)
+    Rename("lr_schedule.rampup_steps", "lr_schedule.warmup_steps", ("train",)),
+    Rename("ema.rampup_ratio", "ema.warmup_ratio", ("train",)),
     # sample.py: how many images
     Rename("n", "num_samples", ("sample",)),
     # evaluate.py: the NFE sweep beside ema_sweep; its sigma-grid rules are discretizations

@@ -2,7 +2,7 @@
 
 ``PlainEMA``: fixed decay with the usual warm-up min(decay, (1 + n) / (10 + n)).
 ``HalfLifeEMA``: EDM's half-life in thousands of images with a ramp-up (EDM training_loop.py,
-beta = 0.5 ** (batch / max(halflife, rampup * images_seen))).
+beta = 0.5 ** (batch / max(halflife, warmup_ratio * images_seen))).
 ``PowerEMA``: EDM2's power-function EMA, several profiles tracked at once and saved as snapshots
 for post-hoc reconstruction (training/ema_power.py, training/ema_snapshots.py).
 
@@ -47,18 +47,25 @@ class PlainEMA(_OneProfile):
 
 
 class HalfLifeEMA(_OneProfile):
-    """EDM's EMA: half-life ``halflife_kimg`` thousand images, ramped over ``rampup_ratio`` of them."""
+    """EDM's EMA: half-life ``halflife_kimg`` thousand images, warmed up over ``warmup_ratio`` of
+    the images seen (EDM's ``ema_rampup_ratio``; ``rampup_ratio``, its name in checkpoints written
+    before warm-up was spelled one way, is read as ``warmup_ratio``)."""
 
-    def __init__(self, halflife_kimg: float = 500.0, rampup_ratio: float | None = 0.05) -> None:
+    def __init__(
+        self,
+        halflife_kimg: float = 500.0,
+        warmup_ratio: float | None = 0.05,
+        rampup_ratio: float | None = None,
+    ) -> None:
         if halflife_kimg <= 0:
             raise ConfigError(f"ema.halflife_kimg={halflife_kimg} must be > 0")
         self.halflife_kimg = halflife_kimg
-        self.rampup_ratio = rampup_ratio
+        self.warmup_ratio = warmup_ratio if rampup_ratio is None else rampup_ratio
 
     def beta(self, step: int, batch_size: int) -> float:
         halflife = self.halflife_kimg * 1000.0
-        if self.rampup_ratio is not None:
-            halflife = min(halflife, step * batch_size * self.rampup_ratio)
+        if self.warmup_ratio is not None:
+            halflife = min(halflife, step * batch_size * self.warmup_ratio)
         return 0.5 ** (batch_size / max(halflife, 1e-8))
 
 
