@@ -74,7 +74,11 @@ def test_the_stored_grid_round_trips_with_its_settings(fitted):
     raw = json.loads(path.read_text())
     assert record["sigmas"] == raw["sigmas"] and len(record["sigmas"]) == 5
     check_sigmas(torch.tensor(record["sigmas"], dtype=torch.float64))
-    assert (record["sampler"], record["nfe"], record["options"]) == ("dpmpp_2m", 4, {})
+    assert (record["sampler"], record["nfe"], record["options"]) == (
+        "dpmpp_2m",
+        4,
+        {"eta": 0.0, "s_noise": 1.0, "solver_type": "midpoint"},
+    )
     assert record["ckpt"] == "last.ckpt" and record["ckpt_sha256"] == file_sha256(ckpt)
     assert record["settings"]["teacher_nfe"] == 6 and record["settings"]["bounds"] == [0.002, 80]
     assert record["heldout_after"] <= record["heldout_before"]
@@ -105,7 +109,7 @@ def test_sample_py_draws_with_the_stored_grid(fitted, tmp_path):
     karras = sample(_compose("sample", args, tmp_path / "b"))
     assert not np.array_equal(got, np.load(karras / "samples.npz")["samples"])
     given = sample(
-        _compose("sample", [*args, "sampler.discretization=learned", f"sampler.grid={path}"], tmp_path / "c")
+        _compose("sample", [*args, "sampler.discretization=learned", f"sampler.sigmas_file={path}"], tmp_path / "c")
     )  # fmt: skip
     assert np.array_equal(got, np.load(given / "samples.npz")["samples"])
 
@@ -117,9 +121,9 @@ def test_a_grid_is_refused_for_another_sampler_nfe_or_checkpoint(fitted, tmp_pat
     def sample_error(*args: str) -> str:
         return _message(lambda: sample(_compose("sample", [*base, *args], tmp_path)))
 
-    msg = sample_error("sampler=heun", "sampler.nfe=4", f"sampler.grid={path}")
+    msg = sample_error("sampler=heun", "sampler.nfe=4", f"sampler.sigmas_file={path}")
     assert "was fitted for sampler=dpmpp_2m nfe=4" in msg and "sampler=heun nfe=4" in msg
-    msg = sample_error("sampler=dpmpp_2m", "sampler.nfe=5", f"sampler.grid={path}")
+    msg = sample_error("sampler=dpmpp_2m", "sampler.nfe=5", f"sampler.sigmas_file={path}")
     assert "was fitted for sampler=dpmpp_2m nfe=4" in msg and "dl-fit-sigmas" in msg
     msg = sample_error("sampler=dpmpp_2m", "sampler.nfe=5")
     assert "no grid for sampler=dpmpp_2m nfe=5 at" in msg and "dpmpp_2m_nfe5.json" in msg
@@ -130,15 +134,19 @@ def test_a_grid_is_refused_for_another_sampler_nfe_or_checkpoint(fitted, tmp_pat
         f.write(b"\0")
     msg = _message(
         lambda: resolve_sampler(
-            {"name": "dpmpp_2m", "nfe": 4, "discretization": "learned", "grid": str(path)}, other
+            {"name": "dpmpp_2m", "nfe": 4, "discretization": "learned", "sigmas_file": str(path)},
+            other,
         )
     )
     assert "fitted for another checkpoint" in msg
     msg = sample_error(
-        "sampler=dpmpp_2m", "sampler.nfe=4", "sampler.discretization=karras", f"sampler.grid={path}"
+        "sampler=dpmpp_2m",
+        "sampler.nfe=4",
+        "sampler.discretization=karras",
+        f"sampler.sigmas_file={path}",
     )
-    assert "sampler.grid is read only with sampler.discretization=learned" in msg
-    assert "no such grid file" in sample_error("sampler.grid=/nonexistent.json")
+    assert "sampler.sigmas_file is read only with sampler.discretization=learned" in msg
+    assert "no such grid file" in sample_error("sampler.sigmas_file=/nonexistent.json")
 
 
 def test_fit_grid_refuses_stochastic_samplers_and_bad_settings(fitted):
@@ -156,7 +164,12 @@ def test_fit_grid_refuses_stochastic_samplers_and_bad_settings(fitted):
 def test_training_callbacks_sample_with_a_learned_grid(fitted, tmp_path):
     _, path = fitted
     sampler = ["sampler=dpmpp_2m", "sampler.nfe=4", "sampler.discretization=learned"]
-    overrides = [*fast_overrides(tmp_path), "trainer.max_steps=1", *sampler, f"sampler.grid={path}"]
+    overrides = [
+        *fast_overrides(tmp_path),
+        "trainer.max_steps=1",
+        *sampler,
+        f"sampler.sigmas_file={path}",
+    ]
     train(compose_train(overrides, tmp_path))
     state = torch.load(
         tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
@@ -164,4 +177,4 @@ def test_training_callbacks_sample_with_a_learned_grid(fitted, tmp_path):
     assert state["hyper_parameters"]["sampler"]["sigmas"] == load_grid(path)["sigmas"]
     assert any((tmp_path / "samples").glob("step_*.png"))
     msg = _message(lambda: train(compose_train([*fast_overrides(tmp_path), *sampler], tmp_path)))
-    assert "sampler.discretization=learned needs sampler.grid=<file>" in msg
+    assert "sampler.discretization=learned needs sampler.sigmas_file=<file>" in msg

@@ -73,6 +73,8 @@ class Rename:
 # The renames of issue 21 (one vocabulary); the old spellings stop working in the next release.
 # Longer keys first where one is under another (sweep.grids before sweep).
 RENAMES: tuple[Rename, ...] = (
+    # every app: the file of a learned sigma grid ("grid" is an image grid)
+    Rename("*.sampler.grid", "*.sampler.sigmas_file"),
     # train.py: the checkpoint a run resumes from (every checkpoint key ends in ckpt)
     Rename("ckpt_path", "resume_ckpt", ("train",)),
     # W&B settings under wandb.* as in every app

@@ -104,7 +104,7 @@ def learned(n: int, sigmas: Any, dtype: torch.dtype = torch.float64) -> Tensor:
     _check_n(n)
     if sigmas is None:
         raise ValueError(
-            "discretization 'learned' needs a fitted grid (dl-fit-sigmas; sampler.grid=<file>)"
+            "discretization 'learned' needs a fitted grid (dl-fit-sigmas; sampler.sigmas_file=<file>)"
         )
     grid = torch.as_tensor(sigmas, dtype=torch.float64)
     if grid.dim() != 1 or len(grid) != n + 1:

@@ -3,12 +3,13 @@
 A file holds the grid (``sigmas``, ending at 0), the sampler name, options and NFE it was fitted
 for, the checkpoint's name and SHA-256, the fit settings and the held-out errors. A sampler config
 with ``discretization: learned`` is resolved to one with the grid's ``sigmas`` by
-:func:`resolve_sampler`, which finds the file for the sampler and NFE (or reads ``sampler.grid``)
+:func:`resolve_sampler`, which finds the file for the sampler and NFE (or reads ``sampler.sigmas_file``)
 and refuses a file fitted for another sampler, NFE or checkpoint.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,20 @@ from typing import Any
 import torch
 
 from diffusionlab.diffusion.grid_fit import GridFit
-from diffusionlab.diffusion.samplers import check_sigmas
+from diffusionlab.diffusion.samplers import check_sigmas, sampler_info
 from diffusionlab.errors import ConfigError
 from diffusionlab.files import atomic_write_text, file_sha256
+
+
+def _full(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """A sampler's options with its defaults filled in: ``{}`` and the defaults spelled out (as
+    the sampler YAMLs list them) fit the same grid."""
+    try:
+        params = inspect.signature(sampler_info(name).fn).parameters
+    except ValueError:  # an unknown sampler: compared as written, refused by the spec's check
+        return dict(options or {})
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **(options or {})}
 
 
 def grid_path(ckpt: str | Path, sampler: str, nfe: int) -> Path:
@@ -52,7 +64,7 @@ def save_grid(path: str | Path, fit: GridFit, ckpt: str | Path | None = None) ->
     return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def load_grid(path: str | Path, key: str = "sampler.grid") -> dict[str, Any]:
+def load_grid(path: str | Path, key: str = "sampler.sigmas_file") -> dict[str, Any]:
     """The stored record, its ``sigmas`` checked (strictly decreasing, ending at 0)."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -69,41 +81,42 @@ def load_grid(path: str | Path, key: str = "sampler.grid") -> dict[str, Any]:
 def resolve_sampler(
     sampler: dict[str, Any], ckpt: str | Path | None = None, key: str = "sampler"
 ) -> dict[str, Any]:
-    """A copy of the sampler config ``sampler`` (``name``, ``nfe``, ``discretization``, ``grid``,
-    ``options``) with the stored grid's ``sigmas`` when ``discretization`` is ``learned`` (from
-    ``grid``, else from beside ``ckpt``); other samplers are returned unchanged. ``key`` names
-    the config node in messages."""
+    """A copy of the sampler config ``sampler`` (``name``, ``nfe``, ``discretization``,
+    ``sigmas_file``, ``options``) with the stored grid's ``sigmas`` when ``discretization`` is
+    ``learned`` (from ``sigmas_file``, else from beside ``ckpt``); other samplers are returned
+    unchanged. ``key`` names the config node in messages."""
     sampler = dict(sampler)
     if sampler.get("discretization") != "learned":
-        if sampler.get("grid"):
-            raise ConfigError(f"{key}.grid is read only with {key}.discretization=learned")
+        if sampler.get("sigmas_file"):
+            raise ConfigError(f"{key}.sigmas_file is read only with {key}.discretization=learned")
         return sampler
     name, nfe = sampler["name"], int(sampler["nfe"])
     fit_cmd = f"dl-fit-sigmas ckpt=<checkpoint> sampler={name} sampler.nfe={nfe}"
-    if sampler.get("grid"):
-        path = Path(str(sampler["grid"]))
+    if sampler.get("sigmas_file"):
+        path = Path(str(sampler["sigmas_file"])).expanduser()
     elif ckpt:
         path = grid_path(ckpt, name, nfe)
         if not path.is_file():
             raise ConfigError(
                 f"{key}.discretization=learned: no grid for sampler={name} nfe={nfe} at {path}; "
-                f"fit one with {fit_cmd} or pass {key}.grid=<file>"
+                f"fit one with {fit_cmd} or pass {key}.sigmas_file=<file>"
             )
     else:
         raise ConfigError(
-            f"{key}.discretization=learned needs {key}.grid=<file> (written by {fit_cmd})"
+            f"{key}.discretization=learned needs {key}.sigmas_file=<file> (written by {fit_cmd})"
         )
-    record = load_grid(path, f"{key}.grid")
+    record = load_grid(path, f"{key}.sigmas_file")
     options = dict(sampler.get("options") or {})
-    if (record["sampler"], record["nfe"], record.get("options") or {}) != (name, nfe, options):
+    fitted = (record["sampler"], record["nfe"], _full(record["sampler"], record.get("options")))
+    if fitted != (name, nfe, _full(name, options)):
         raise ConfigError(
-            f"{key}.grid={str(path)!r} was fitted for sampler={record['sampler']} "
+            f"{key}.sigmas_file={str(path)!r} was fitted for sampler={record['sampler']} "
             f"nfe={record['nfe']} options={record.get('options') or {}}; it cannot be used with "
             f"sampler={name} nfe={nfe} options={options}: fit one with {fit_cmd}"
         )
     if ckpt and record.get("ckpt_sha256") and record["ckpt_sha256"] != _ckpt_sha256(ckpt):
         raise ConfigError(
-            f"{key}.grid={str(path)!r} was fitted for another checkpoint ({record.get('ckpt')}), "
+            f"{key}.sigmas_file={str(path)!r} was fitted for another checkpoint ({record.get('ckpt')}), "
             f"not ckpt={str(ckpt)!r}: fit one with {fit_cmd}"
         )
     sampler["sigmas"] = record["sigmas"]

@@ -34,14 +34,15 @@ from diffusionlab.errors import ConfigError
 @dataclass(frozen=True)
 class SamplerSpec:
     """``name`` (a registered sampler) with ``options``, spending ``nfe`` network evaluations on
-    the ``discretization`` grid (``learned``: the fitted ``sigmas``, read from ``grid`` or from
-    beside the checkpoint); ``noise`` names the per-sample noise source
-    (:func:`~diffusionlab.diffusion.noise.noise_generator`). The field names are the config keys."""
+    the ``discretization`` grid (``learned``: the fitted ``sigmas``, read from ``sigmas_file`` or
+    from beside the checkpoint); ``noise`` names the per-sample noise source
+    (:func:`~diffusionlab.diffusion.noise.noise_generator`). The field names are the config keys
+    (``grid``, the name of ``sigmas_file`` before issue 21, is read as it in stored specs)."""
 
     name: str = "heun"
     nfe: int = 35
     discretization: str = "karras"
-    grid: str | None = None
+    sigmas_file: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     noise: str = "per_seed"
     sigmas: tuple[float, ...] | None = None
@@ -50,8 +51,8 @@ class SamplerSpec:
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "nfe", int(self.nfe))
         set_(self, "options", MappingProxyType(dict(self.options or {})))
-        if self.grid is not None:
-            set_(self, "grid", str(self.grid))
+        if self.sigmas_file is not None:
+            set_(self, "sigmas_file", str(self.sigmas_file))
         if self.sigmas is not None:
             set_(self, "sigmas", tuple(float(s) for s in self.sigmas))
 
@@ -78,6 +79,9 @@ class SamplerSpec:
         if OmegaConf.is_config(cfg):
             cfg = OmegaConf.to_container(cfg, resolve=True)
         plain = dict(cfg or {})
+        if "grid" in plain:  # a spec stored before sigmas_file had its name
+            grid = plain.pop("grid")
+            plain.setdefault("sigmas_file", grid)
         unknown = sorted(set(plain) - {f.name for f in fields(cls)})
         if unknown:
             valid = ", ".join(f.name for f in fields(cls))
