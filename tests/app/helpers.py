@@ -23,7 +23,7 @@ def fast_overrides(tmp_path: Path, callbacks: bool = True) -> list[str]:
     ``callbacks=False`` drops checkpoints and sample grids (``callbacks=none``)."""
     cb = [
         "~callbacks.rich_progress_bar",
-        "callbacks.sample_grid.n=4",
+        "callbacks.sample_grid.num_samples=4",
         "callbacks.sample_grid.every_n_steps=0",
     ]
     return [

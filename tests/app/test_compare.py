@@ -42,7 +42,12 @@ def _read_csv(path: Path) -> list[dict]:
 def sweep(tmp_path_factory) -> Path:
     """docs/sweeps.md's sweep, 3 steps a job: 2 learning rates x 2 EMA decays, FID at the end."""
     tmp = tmp_path_factory.mktemp("compare")
-    args = ["-m", *fast_overrides(tmp), "callbacks.sample_grid.n=16", "~callbacks.model_checkpoint"]
+    args = [
+        "-m",
+        *fast_overrides(tmp),
+        "callbacks.sample_grid.num_samples=16",
+        "~callbacks.model_checkpoint",
+    ]
     args += [
         "+eval@callbacks.fid=fid_callback",
         "callbacks.fid.every_n_steps=3",

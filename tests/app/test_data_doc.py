@@ -32,7 +32,7 @@ SUBS = [
 TINY = {
     "dl-dataset": "progress=false num_workers=1",
     "python train.py": "data.batch_size=8 trainer.max_steps=2 logger=csv sampler.nfe=3 "
-    "~callbacks.rich_progress_bar callbacks.sample_grid.n=4 trainer.enable_model_summary=false",
+    "~callbacks.rich_progress_bar callbacks.sample_grid.num_samples=4 trainer.enable_model_summary=false",
     "python sample.py": "sampler.nfe=3",
 }
 

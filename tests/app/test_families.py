@@ -84,7 +84,7 @@ def test_iddpm_cifar10_preset_trains_on_synthetic_32x32_rgb(tmp_path):
         "logger=csv",
         "~callbacks.rich_progress_bar",
         "callbacks.sample_grid.every_n_steps=0",
-        "callbacks.sample_grid.n=2",
+        "callbacks.sample_grid.num_samples=2",
         "sampler.nfe=4",  # the end-of-training grid; the preset samples with all 4,000 steps
         f"paths.log_dir={tmp_path}",
     ]

@@ -45,10 +45,17 @@ def test_guided_grids_and_guide_checkpoint(tmp_path):
     run = _run(tmp_path, ["callbacks.sample_grid.guide_at=0.75"])
     samples, ckpts = run / "samples", run / "checkpoints"
     assert sorted(p.name for p in samples.iterdir()) == [
+        "step_000002.json",
         "step_000002.png",
+        "step_000004.json",
         "step_000004.png",
         "step_000004_autoguided.png",
     ]
+    record = json.loads((samples / "step_000004.json").read_text())
+    assert record["images"] == {"step_000004.png": 1.0, "step_000004_autoguided.png": 3.0}
+    assert record["guide_ckpt"] == "checkpoints/guide.ckpt" and record["guide_step"] == 3
+    assert record["seeds"] == [0, 1, 2, 3] and record["labels"] is None
+    assert record["sampler"]["name"] == "edm" and record["sampler"]["nfe"] == 3
     # guide.ckpt holds the EMA of step 3: the same weights as the periodic step-3 checkpoint
     cpu = torch.device("cpu")
     guide, step3, last = (

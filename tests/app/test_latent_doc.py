@@ -15,7 +15,7 @@ DOC = ROOT / "docs" / "latent.md"
 TINY = {
     "dl-train-autoencoder": "autoencoder.channels=8 max_steps=2",
     "python train.py": "data.batch_size=16 trainer.max_steps=2 logger=csv sampler.nfe=3 "
-    "~callbacks.rich_progress_bar callbacks.sample_grid.n=4 trainer.enable_model_summary=false",
+    "~callbacks.rich_progress_bar callbacks.sample_grid.num_samples=4 trainer.enable_model_summary=false",
     "python sample.py": "num_samples=4 sampler.nfe=3",
     "python evaluate.py": "eval.num_samples=8 eval.extractor_steps=5 sampler.nfe=3",
 }

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from diffusionlab.config import CONF_DIR
 from diffusionlab.diffusion.learned_grids import _full
 from diffusionlab.diffusion.samplers import SAMPLERS
-from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.sampling.spec import SamplerSpec, inherit_sampler
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -56,3 +56,21 @@ def test_a_spec_stored_with_the_old_grid_key_reads_as_sigmas_file(tmp_path):
 def test_a_grid_fitted_with_default_options_fits_them_spelled_out():
     assert _full("dpmpp_2m", {}) == _full("dpmpp_2m", {"eta": 0.0, "s_noise": 1.0})
     assert _full("dpmpp_2m", {"eta": 0.5}) != _full("dpmpp_2m", {})
+
+
+def test_inherit_keeps_what_the_node_leaves_null():
+    base = SamplerSpec.from_config(
+        {"name": "edm", "nfe": 35, "options": {"S_churn": 40.0, "S_noise": 1.003}}
+    )
+    assert inherit_sampler(base, None) == base.to_dict()
+    out = inherit_sampler(base, {"name": None, "nfe": 18, "options": {"S_churn": 0.0}})
+    assert out["name"] == "edm" and out["nfe"] == 18
+    assert out["options"] == {"S_churn": 0.0, "S_noise": 1.003}
+    # another sampler stands alone: nothing of edm's options reaches heun
+    assert inherit_sampler(base, {"name": "heun", "nfe": None, "options": {}}) == {"name": "heun"}
+    assert SamplerSpec.from_config(inherit_sampler(base, {"name": "heun"})).nfe == 35
+    # a stored learned grid stays only while the grid's sampler, NFE and options stay
+    learned = {**base.to_dict(), "discretization": "learned", "sigmas": [2.0, 1.0, 0.0]}
+    assert inherit_sampler(learned, {"noise": "batched"})["sigmas"] == [2.0, 1.0, 0.0]
+    assert "sigmas" not in inherit_sampler(learned, {"nfe": 9})
+    assert inherit_sampler({"name": "euler", "grid": None}, {})["sigmas_file"] is None

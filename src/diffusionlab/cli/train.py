@@ -11,19 +11,20 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.objective import optimized_value
+from diffusionlab.cli.vocabulary import migrate_config
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
 from diffusionlab.data.lazy import fill_from_files
 from diffusionlab.errors import ConfigError
 from diffusionlab.interop.module import init_weights
-from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.sampling.spec import SamplerSpec, inherit_sampler
 from diffusionlab.tracking.loggers import finish_wandb_run, resolve_wandb_mode
 from diffusionlab.tracking.run_identity import run_config
 from diffusionlab.tracking.run_record import write_run_record
@@ -149,8 +150,26 @@ def check_fits(module: DiffusionModule, shape: tuple[int, ...]) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train from a composed config; returns the final logged metrics. The W&B run (if any) is
     finished when training ends or fails, so each job of a multirun gets its own."""
+    for warning in migrate_config(cfg, "train"):
+        log.warning(warning)
+    inherit_samplers(cfg)
     with finish_wandb_run():
         return _train(cfg)
+
+
+def inherit_samplers(cfg: DictConfig) -> None:
+    """Every callback's ``sampler`` node (``sampler=inherit`` by default) filled from the run's
+    ``sampler``: the callbacks, the logged config and the checkpoint see the sampler they use."""
+    if cfg.get("sampler") is not None and cfg.sampler.get("name") is None:
+        raise ConfigError(
+            "sampler=inherit: train.py's own sampler (its grids' and the checkpoint's) inherits "
+            "from nothing; choose one, e.g. sampler=edm"
+        )
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if isinstance(node, DictConfig) and "sampler" in node:
+            merged = inherit_sampler(cfg.get("sampler"), node.sampler)
+            with open_dict(cfg):
+                cfg.callbacks[name].sampler = OmegaConf.create(merged)
 
 
 def _train(cfg: DictConfig) -> dict[str, float]:

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from omegaconf import DictConfig, OmegaConf, open_dict
+
 # command -> the app's config (conf/<name>.yaml); every console script in pyproject.toml is here
 APPS: dict[str, str] = {
     "train.py": "train",
@@ -85,6 +87,8 @@ RENAMES: tuple[Rename, ...] = (
     # warm-up is spelled "warmup" everywhere (lr_warmup_steps, ema.warmup, ...)
     Rename("lr_schedule.rampup_steps", "lr_schedule.warmup_steps", ("train",)),
     Rename("ema.rampup_ratio", "ema.warmup_ratio", ("train",)),
+    # the training grid's image count, as every sample count
+    Rename("callbacks.sample_grid.n", "callbacks.sample_grid.num_samples", ("train",)),
     # sample.py: how many images
     Rename("n", "num_samples", ("sample",)),
     # evaluate.py: the NFE sweep beside ema_sweep; its sigma-grid rules are discretizations
@@ -168,6 +172,51 @@ def prepare_argv(app: str) -> None:
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     sys.argv = [sys.argv[0], *args]
+
+
+def migrate_config(cfg: DictConfig, app: str) -> list[str]:
+    """Move keys of ``cfg`` spelled the old way (a preset or a user's own YAML: the command line is
+    prepared by :func:`prepare_args`) to their new key; returns the warnings. A key whose value is
+    an interpolation is the shipped config's own alias and stays."""
+    warnings: list[str] = []
+    for r in RENAMES:
+        if not r.applies(app):
+            continue
+        for old in _present(cfg, r.old):
+            new = r.rename(old)
+            parent, _, leaf = old.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if new is None or OmegaConf.is_interpolation(node, leaf):
+                continue
+            value = node[leaf]
+            with open_dict(cfg):
+                node.pop(leaf)
+                OmegaConf.update(cfg, new, value, merge=True, force_add=True)
+            warnings.append(deprecation(old, new))
+    return warnings
+
+
+def _present(cfg: DictConfig, old: str) -> list[str]:
+    """The keys of ``cfg`` that spell ``old`` (``*.`` in front: at any depth)."""
+    if not old.startswith("*."):
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return [old] if isinstance(node, DictConfig) and leaf in node else []
+    found: list[str] = []
+    tail = old[2:]
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            path = f"{prefix}{key}"
+            if path == tail or path.endswith("." + tail):
+                found.append(path)
+            else:
+                child = node._get_node(key)
+                if isinstance(child, DictConfig) and not child._is_interpolation():
+                    walk(child, path + ".")
+
+    walk(cfg, "")
+    return found
 
 
 def warn_deprecated(old: str, new: str, instead: str | None = None) -> None:

@@ -1,6 +1,7 @@
 """The training-time sample grid: fixed seeds drawn from the EMA weights through the generator,
 written as PNG and sent to loggers, and beside it the same seeds with autoguidance by the run's
-own early EMA."""
+own early EMA; each step's settings are recorded beside its PNGs (``sampling/grid_record.py``),
+so ``sample.py from_run=<run>`` draws them again."""
 
 from __future__ import annotations
 
@@ -15,20 +16,37 @@ from torch import Tensor
 
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import ConfigError
-from diffusionlab.sampling.conditioning import condition_of
-from diffusionlab.sampling.generator import generate
+from diffusionlab.sampling.grid_record import (
+    GridRecord,
+    draw_grid,
+    grid_labels,
+    record_path,
+    write_record,
+)
 from diffusionlab.sampling.images import log_image, save_samples_png
 from diffusionlab.sampling.spec import SamplerSpec
 
 log = logging.getLogger(__name__)
 
 
+def _channels_last(module: L.LightningModule) -> bool:
+    """Whether the network's 4-D weights are stored NHWC (``channels_last=true``)."""
+    return any(
+        p.dim() == 4
+        and p.is_contiguous(memory_format=torch.channels_last)
+        and not p.is_contiguous()
+        for p in module.parameters()
+    )
+
+
 class SampleGrid(L.Callback):
-    """Every ``every_n_steps`` steps and at the end of training, sample ``n`` images (or points)
-    from seeds ``seed .. seed + n - 1`` with the EMA denoiser and save ``samples/step_XXXXXX.png``.
+    """Every ``every_n_steps`` steps and at the end of training, sample ``num_samples`` images
+    (or points) from seeds ``seed .. seed + num_samples - 1`` with the EMA denoiser and the
+    ``sampler`` spec (None: the run's, stored with the model) and save
+    ``samples/step_XXXXXX.png``, with its record ``samples/step_XXXXXX.json``.
 
     Class-conditional models get label ``i % label_dim`` for sample ``i`` (one class per column
-    when ``n`` is a multiple of ``label_dim``).
+    when ``num_samples`` is a multiple of ``label_dim``).
 
     With ``guidance`` != 1, the EMA denoiser at step ``round(guide_at * max_steps)`` is kept as an
     autoguidance guide (Karras et al. 2024, eq. 1: D_guide + w (D - D_guide), the guide being the
@@ -41,7 +59,7 @@ class SampleGrid(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 500,
-        n: int = 64,
+        num_samples: int = 64,
         seed: int = 0,
         sampler: dict | None = None,
         dirname: str = "samples",
@@ -54,7 +72,7 @@ class SampleGrid(L.Callback):
                 "trainer.max_steps at which the autoguidance guide is taken"
             )
         self.every_n_steps = every_n_steps
-        self.n = n
+        self.num_samples = num_samples
         self.seed = seed
         # None: the sampler stored with the model (its training config's)
         self.sampler = (
@@ -68,13 +86,6 @@ class SampleGrid(L.Callback):
         self.guide_step: int | None = None
         self._guide: Denoiser | None = None
         self._guide_state: dict[str, Tensor] | None = None
-
-    def _labels(self, pl_module: L.LightningModule) -> Tensor | None:
-        """Encoded class ``i % label_dim`` for sample ``i``; None for unconditional models."""
-        condition = condition_of(pl_module)
-        if condition is None:
-            return None
-        return condition.encode(torch.arange(self.n, device=pl_module.device) % pl_module.label_dim)
 
     def _guide_denoiser(self, pl_module: L.LightningModule) -> Denoiser | None:
         """The guide, rebuilt from the checkpoint state after a resume; None before it is taken."""
@@ -90,38 +101,46 @@ class SampleGrid(L.Callback):
         trainer.save_checkpoint(path, weights_only=True)
         log.info("autoguidance guide (EMA at step %d): %s", trainer.global_step, path)
 
-    def _save(self, trainer: L.Trainer, x: Tensor, suffix: str, key: str) -> None:
+    def _save(self, trainer: L.Trainer, x: Tensor, suffix: str, key: str) -> Path:
         step = trainer.global_step
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{step:06d}{suffix}.png"
         save_samples_png(x.cpu(), path)
         log.info("sample grid: %s", path)
         for logger in trainer.loggers:
             log_image(logger, key, path, step)
+        return path
 
     def _sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         was_training = pl_module.training
         pl_module.eval()
-        seeds = range(self.seed, self.seed + self.n)
-        labels = self._labels(pl_module)
-        x = generate(pl_module, seeds, class_labels=labels, sampler=self.sampler)
+        seeds = list(range(self.seed, self.seed + self.num_samples))
+        labels = grid_labels(self.num_samples, pl_module.label_dim)
+        spec = self.sampler or SamplerSpec.of(pl_module.hparams.sampler)
+        x = draw_grid(pl_module, seeds, labels, spec)
         guide = self._guide_denoiser(pl_module)
         if guide is not None:
-            guided = generate(
-                pl_module,
-                seeds,
-                class_labels=labels,
-                sampler=self.sampler,
-                guide=guide,
-                guidance=self.guidance,
-            )
+            guided = draw_grid(pl_module, seeds, labels, spec, guide, self.guidance)
         pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
-        self._save(trainer, x, "", "samples/grid")
+        plain = self._save(trainer, x, "", "samples/grid")
+        images = {plain.name: 1.0}
         if guide is not None:
-            self._save(trainer, guided, "_autoguided", "samples/grid_autoguided")
+            path = self._save(trainer, guided, "_autoguided", "samples/grid_autoguided")
+            images[path.name] = self.guidance
+        record = GridRecord(
+            step=trainer.global_step,
+            seeds=tuple(seeds),
+            labels=labels,
+            sampler=spec.to_dict(),
+            channels_last=_channels_last(pl_module),
+            images=images,
+            guide_ckpt="checkpoints/guide.ckpt" if guide is not None else None,
+            guide_step=self.guide_step if guide is not None else None,
+        )
+        write_record(record_path(plain), record)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.guidance == 1.0:

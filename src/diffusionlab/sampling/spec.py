@@ -162,3 +162,36 @@ class SamplerSpec:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"{key}={self.name}: {e}") from None
+
+
+def inherit_sampler(
+    base: SamplerSpec | Mapping[str, Any] | None, node: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The sampler config of a use site whose ``node`` inherits ``base`` (``sampler=inherit``:
+    the run's sampler for the training callbacks, the checkpoint's for sample.py). A key of
+    ``node`` left null keeps ``base``'s value and ``node``'s options are merged over ``base``'s; a
+    ``node`` that names another sampler than ``base`` stands alone (its unset keys take the
+    spec's defaults). ``base`` None is the spec's defaults."""
+    if isinstance(base, SamplerSpec):
+        base = base.to_dict()
+    if OmegaConf.is_config(base):
+        base = OmegaConf.to_container(base, resolve=True)
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    base, node = dict(base or SamplerSpec().to_dict()), dict(node or {})
+    if "grid" in base:  # a spec stored before sigmas_file had its name
+        base.setdefault("sigmas_file", base.pop("grid"))
+    if node.get("name") is not None and node["name"] != base.get("name"):
+        return {k: v for k, v in node.items() if v is not None and v != {}}
+    out = dict(base)
+    for key, value in node.items():
+        if key == "options":
+            if value:
+                out["options"] = {**(base.get("options") or {}), **value}
+        elif value is not None:
+            out[key] = value
+    if any(out.get(k) != base.get(k) for k in ("name", "nfe", "discretization", "options")) or (
+        out.get("sigmas_file") != base.get("sigmas_file")
+    ):
+        out.pop("sigmas", None)  # a learned grid resolved for base: resolved again for out
+    return out
