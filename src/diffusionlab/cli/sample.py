@@ -1,5 +1,8 @@
 """``python sample.py ckpt=...``: PNG per seed, a grid and optionally one npz (EDM generate.py);
-the grid also goes to a W&B run attached to the checkpoint's training run."""
+the grid also goes to a W&B run attached to the checkpoint's training run. The sampler is the
+checkpoint's own (``sampler=inherit``: what its training grids drew with), key by key overridable;
+``from_run=<run>`` draws a training grid again from its record (seeds, labels, sampler, guidance
+and guide), pixel for pixel."""
 
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.protocol import parse_seeds
 from diffusionlab.sampling.checkpoint import load_guide, load_module, pick_device
 from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.grid_record import draw_grid, find_run_grid
 from diffusionlab.sampling.images import save_samples_png, to_uint8_rgb
-from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.sampling.spec import SamplerSpec, inherit_sampler
 from diffusionlab.tracking.loggers import finish_wandb_run
 from diffusionlab.tracking.wandb_runs import start_wandb_run
+from diffusionlab.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +35,17 @@ log = logging.getLogger(__name__)
 def sample(cfg: DictConfig) -> Path:
     """Generate one image per seed into ``cfg.outdir``; returns the output directory. Every
     setting is checked first; the grid is then logged as ``samples/grid`` to a W&B run (job type
-    sample), finished when this returns."""
+    sample), finished when this returns. With ``from_run``, a training grid drawn again
+    (:func:`sample_run_grid`)."""
+    if cfg.get("from_run"):
+        return sample_run_grid(cfg)
     seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
     bs = number(cfg, "batch_size", int, at_least=1)
     guidance = number(cfg, "guidance")
     sampler_numbers(cfg)
     device = pick_device(cfg.device)
     module = load_module(cfg.ckpt, device)
-    spec = SamplerSpec.from_config(cfg.sampler, ckpt=cfg.ckpt)
+    spec = SamplerSpec.from_config(checkpoint_sampler(module, cfg.sampler), ckpt=cfg.ckpt)
     spec.check(module.schedule)
     guide = load_guide(cfg.guide_ckpt, module)
     generator = DiffusionGenerator.from_module(module, spec, guidance, bool(cfg.use_ema), guide)
@@ -54,6 +62,66 @@ def sample(cfg: DictConfig) -> Path:
             import wandb
 
             run.log({"samples/grid": wandb.Image(str(outdir / "grid.png"))})
+    return outdir
+
+
+def checkpoint_sampler(module: DiffusionModule, node: DictConfig | None) -> dict:
+    """The sampler config of ``node`` over the checkpoint's own (its training run's ``sampler``,
+    heun 35 NFE for NVlabs pickles): ``sampler=inherit`` keeps every key the node leaves null;
+    another sampler's name starts from that sampler's defaults."""
+    return inherit_sampler(module.hparams.get("sampler"), node)
+
+
+def sample_run_grid(cfg: DictConfig) -> Path:
+    """``from_run=<run folder>`` (its newest recorded grid whose checkpoint is kept; the
+    autoguided one when there is one) or ``from_run=<run>/samples/step_XXXXXX[_autoguided].png``:
+    the grid drawn again from its record with the checkpoint of its step, written as
+    ``<outdir>/grid.png`` and compared byte for byte with the training PNG (equal on the same
+    device type and thread count)."""
+    for key in ("ckpt", "guide_ckpt", "seeds", "class_label"):
+        if cfg.get(key) is not None:
+            raise ConfigError(
+                f"from_run={cfg.from_run} takes {key} from the grid's record: leave {key}=null"
+            )
+    grid = find_run_grid(cfg.from_run)
+    record = grid.record
+    module = load_module(str(grid.ckpt), pick_device(cfg.device))
+    if record.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    guide = None
+    if grid.guidance != 1.0:
+        if grid.guide_ckpt is None or not grid.guide_ckpt.is_file():
+            raise ConfigError(f"from_run={cfg.from_run}: the run's guide {grid.guide_ckpt} is gone")
+        guide = load_guide(str(grid.guide_ckpt), module).ema
+    spec = SamplerSpec.of(record.sampler)
+    log.info(
+        "%s: step %d, %d seeds from %d, %s nfe=%s, guidance %s, from %s",
+        grid.image.name,
+        record.step,
+        len(record.seeds),
+        record.seeds[0],
+        spec.name,
+        spec.nfe,
+        grid.guidance,
+        grid.ckpt,
+    )
+    with finish_wandb_run():
+        run = start_wandb_run(cfg, [str(grid.ckpt)])
+        x = draw_grid(module, record.seeds, record.labels, spec, guide, grid.guidance)
+        outdir = Path(cfg.outdir)
+        path = save_samples_png(x.cpu(), outdir / "grid.png")
+        if path.read_bytes() == grid.image.read_bytes():
+            log.info("%s is identical to %s", path, grid.image)
+        else:
+            log.warning(
+                "%s differs from %s: drawn on another device type, thread count or library "
+                "version than the training run",
+                path,
+                grid.image,
+            )
+        import wandb
+
+        run.log({"samples/grid": wandb.Image(str(path))})
     return outdir
 
 
