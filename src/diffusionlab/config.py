@@ -1,4 +1,9 @@
-"""Hydra/OmegaConf glue shared by the apps: where ``conf/`` lives and the custom resolvers."""
+"""Hydra/OmegaConf glue shared by the apps: where ``conf/`` lives and the custom resolvers.
+
+``conf/`` is shipped inside the package (``diffusionlab/conf`` in a built wheel, mapped from the
+checkout's ``conf/`` by setup.py); a source checkout reads its own ``conf/``. The project root
+(``paths.root_dir``: ``logs/``, ``data/``, ``.cache/``) is the checkout, or for an installed
+package the working directory (``DIFFUSIONLAB_ROOT`` overrides both)."""
 
 from __future__ import annotations
 
@@ -7,16 +12,35 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+_PACKAGE = Path(__file__).resolve().parent
+_CHECKOUT = _PACKAGE.parents[1]
+
+
+def _is_checkout(path: Path) -> bool:
+    return (path / "conf" / "train.yaml").is_file() and (path / "pyproject.toml").is_file()
+
 
 def project_root() -> Path:
-    """The checkout that holds ``conf/`` (``DIFFUSIONLAB_ROOT`` overrides)."""
+    """``DIFFUSIONLAB_ROOT``, else the source checkout this package runs from, else (an installed
+    wheel) the working directory: where ``logs/``, ``data/`` and ``.cache/`` go."""
     env = os.environ.get("DIFFUSIONLAB_ROOT")
     if env:
         return Path(env).resolve()
-    return Path(__file__).resolve().parents[2]
+    return _CHECKOUT if _is_checkout(_CHECKOUT) else Path.cwd()
 
 
-CONF_DIR = str(project_root() / "conf")
+def conf_dir() -> Path:
+    """The apps' configs: the checkout's ``conf/`` when running from source, else the copy
+    shipped in the package (``diffusionlab/conf``)."""
+    if _is_checkout(_CHECKOUT):
+        return _CHECKOUT / "conf"
+    shipped = _PACKAGE / "conf"
+    if (shipped / "train.yaml").is_file():
+        return shipped
+    raise RuntimeError(f"no conf/ in {_CHECKOUT} nor in the package ({shipped}): reinstall")
+
+
+CONF_DIR = str(conf_dir())
 
 
 def register_resolvers() -> None:
