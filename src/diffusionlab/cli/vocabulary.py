@@ -191,6 +191,9 @@ def migrate_config(cfg: DictConfig, app: str) -> list[str]:
             value = node[leaf]
             with open_dict(cfg):
                 node.pop(leaf)
+                if parent and len(node) == 0:  # nothing else was under it: gone with the key
+                    grand, _, name = parent.rpartition(".")
+                    (OmegaConf.select(cfg, grand) if grand else cfg).pop(name)
                 OmegaConf.update(cfg, new, value, merge=True, force_add=True)
             warnings.append(deprecation(old, new))
     return warnings
