@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,13 +214,58 @@ def make_trainer(
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and _wanted(cfg, c)]
     # the datamodule shards the endless sample stream itself (data/sampler.py)
     trainer: L.Trainer = instantiate(
-        cfg.trainer,
+        trainer_config(cfg, datamodule.batch_size),
         callbacks=[*callbacks, *extra_callbacks],
         logger=loggers or False,
         use_distributed_sampler=False,
     )
     trainer.accumulate_grad_batches = datamodule.layout(trainer.world_size).accumulation
     return trainer
+
+
+def trainer_config(cfg: DictConfig, global_batch: int) -> DictConfig:
+    """``cfg.trainer`` for Lightning: ``max_kimg`` (training length in thousands of images, as
+    EDM counts it) becomes ``max_steps = ceil(max_kimg * 1000 / data.batch_size)``; the default
+    run's time guard (``default_run_max_time``) applies to the default run only."""
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    max_kimg = node.pop("max_kimg", None)
+    if max_kimg is not None:
+        kimg = number(cfg, "trainer.max_kimg", float)
+        if kimg <= 0:
+            raise ConfigError(f"trainer.max_kimg={max_kimg}: must be > 0 (thousands of images)")
+        node["max_steps"] = math.ceil(kimg * 1000 / global_batch)
+        log.info(
+            "trainer.max_kimg=%g: %d steps of %d images", kimg, node["max_steps"], global_batch
+        )
+    if node.get("max_time") is None and is_default_run(cfg):
+        node["max_time"] = cfg.get("default_run_max_time")
+        if node["max_time"]:
+            log.info(
+                "the default run stops after %s of training (default_run_max_time); any other "
+                "run, or trainer.max_time=..., trains to trainer.max_steps",
+                node["max_time"],
+            )
+    return OmegaConf.create(node)
+
+
+# choosing any of these (or a training length) makes a run other than the default one
+_DEFAULT_RUN_GROUPS = ("dataset", "model", "trainer", "experiment", "hparams_search")
+_LENGTH_KEYS = ("trainer.max_steps", "trainer.max_kimg", "trainer.max_time", "trainer.max_epochs")
+
+
+def is_default_run(cfg: DictConfig) -> bool:
+    """Whether this is the default run (``python train.py`` / ``make train``, tweaks allowed):
+    no dataset, model, trainer, experiment or search chosen and no training length set on the
+    command line. Runs composed without Hydra's app (tests, scripts) are not."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    for override in HydraConfig.get().overrides.task:
+        key = override.lstrip("~+").split("=", 1)[0].split("@", 1)[0]
+        if key.split(".", 1)[0] in _DEFAULT_RUN_GROUPS or key in _LENGTH_KEYS:
+            return False
+    return True
 
 
 def _wanted(cfg: DictConfig, logger: DictConfig) -> bool:

@@ -117,7 +117,18 @@ class DiffusionModule(L.LightningModule):
         if is_logging_step(self.trainer):
             self.log("train/loss", loss)
             self._log_buckets(per_sample.detach(), sigma.detach())
+            images = self.images_seen()
+            if images is not None:
+                self.log("train/kimg", images / 1000.0)
         return loss
+
+    def images_seen(self) -> int | None:
+        """Training images drawn before the current optimizer step, all ranks (EDM's ``kimg`` x
+        1000): the datamodule's sample position, carried through resumes; None without one."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None or not hasattr(datamodule, "position"):
+            return None
+        return int(datamodule.position(self.trainer.global_step))
 
     def _log_buckets(self, per_sample: Tensor, sigma: Tensor) -> None:
         """Mean loss per sigma bucket; bucket edges from ``loss_buckets``. A bucket no sample of
@@ -164,6 +175,9 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = gather_rng_states()
+        images = self.images_seen()
+        if images is not None:
+            checkpoint["images_seen"] = images
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states = checkpoint.get("rng_states")
