@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,8 +155,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for warning in migrate_config(cfg, "train"):
         log.warning(warning)
     inherit_samplers(cfg)
+    if (
+        cfg.get("print_config")
+        and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0
+    ):
+        print_config_tree(cfg)
     with finish_wandb_run():
         return _train(cfg)
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """The composed config as a tree, one branch per top-level key, resolved where it resolves,
+    secrets redacted (``print_config=false`` turns it off)."""
+    from rich import print as rich_print
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError:
+        plain = OmegaConf.to_container(cfg)
+    plain = redact(plain, secret_values(plain))
+    tree = Tree("config", guide_style="dim")
+    for key, value in plain.items():
+        if isinstance(value, dict | list) and value:
+            text = OmegaConf.to_yaml(OmegaConf.create(value)).rstrip()
+            tree.add(str(key)).add(Syntax(text, "yaml", background_color="default"))
+        else:
+            tree.add(f"{key}: {value}")
+    rich_print(tree)
 
 
 def inherit_samplers(cfg: DictConfig) -> None:
@@ -249,7 +277,7 @@ def trainer_config(cfg: DictConfig, global_batch: int) -> DictConfig:
 
 
 # choosing any of these (or a training length) makes a run other than the default one
-_DEFAULT_RUN_GROUPS = ("dataset", "model", "trainer", "experiment", "hparams_search")
+_DEFAULT_RUN_GROUPS = ("dataset", "model", "trainer", "experiment", "hparams_search", "debug")
 _LENGTH_KEYS = ("trainer.max_steps", "trainer.max_kimg", "trainer.max_time", "trainer.max_epochs")
 
 
