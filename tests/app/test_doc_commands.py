@@ -39,13 +39,17 @@ _APP = re.compile(rf"^(?:(?:srun|torchrun)\b.*?\s)?(?:python\s+)?(?P<app>{_NAMES
 
 
 def _lines(text: str) -> list[str]:
-    """The commands of a markdown text: lines of fenced blocks (continuations joined) and inline
-    code spans written as a command (``python train.py ...``, ``dl-edit ...``) that elide none
-    of their arguments (no ``...``)."""
+    """The commands of a markdown text: lines of fenced and indented code blocks (continuations
+    joined) and inline code spans written as a command (``python train.py ...``, ``dl-edit
+    ...``) that elide none of their arguments (no ``...``)."""
     found = []
     for block in re.findall(r"```[\w-]*\n(.*?)```", text, re.S):
         found += [line.strip() for line in block.replace("\\\n", " ").splitlines()]
     text = re.sub(r"```.*?```", "", text, flags=re.S)
+    # indented code blocks (four spaces), continuations joined
+    for line in re.sub(r"\\\n\s+", " ", text).splitlines():
+        if line.startswith("    ") and _APP.match(line.strip()):
+            found.append(line.strip())
     for span in re.findall(r"`([^`]+)`", text):
         span = " ".join(span.split())
         if span.startswith(("python ", "dl-")) and "=" in span and "..." not in span:
