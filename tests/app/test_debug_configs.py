@@ -42,3 +42,14 @@ def test_config_tree_is_printed_without_secrets(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "sampler" in out and "nfe: 7" in out and "output_dir: /tmp" in out  # resolved
     assert "SECRET" not in out and "api_key" in out
+
+
+@pytest.mark.parametrize("app", ["sample", "evaluate"])
+def test_help_lists_the_apps_own_groups(app):
+    """``sample.py --help`` / ``evaluate.py --help`` show their config and their groups, not
+    every training group of conf/."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=app, return_hydra_config=True)
+    template = cfg.hydra.help.template
+    assert "$APP_CONFIG_GROUPS" not in template and "$CONFIG" in template
+    assert "sampler=<name>" in template
