@@ -20,7 +20,7 @@ def _group(name: str) -> list[str]:
 
 SCHEDULES = _group("schedule")
 PARAMETERIZATIONS = _group("parameterization")
-SAMPLERS = _group("sampler")
+SAMPLERS = [s for s in _group("sampler") if s != "inherit"]  # inherit: a use site's base
 LOSSES = _group("loss")
 
 
