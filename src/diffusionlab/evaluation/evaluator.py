@@ -13,8 +13,8 @@ from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.data import TensorImageDataset
+from diffusionlab.distributed import barrier, rank_and_world
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.distributed import barrier, rank_and_world
 from diffusionlab.evaluation.extractors import (
     INCEPTION,
     create_extractor,

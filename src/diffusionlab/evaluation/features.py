@@ -10,7 +10,7 @@ from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm import tqdm
 
-from diffusionlab.evaluation.distributed import gather_rows, rank_and_world, shard
+from diffusionlab.distributed import gather_rows, rank_and_world, shard
 from diffusionlab.sampling.images import to_uint8_rgb
 
 if TYPE_CHECKING:

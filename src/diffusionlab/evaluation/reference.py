@@ -11,8 +11,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.data import TensorImageDataset, digits, mnist
 from diffusionlab.data.datasets import split_indices
+from diffusionlab.distributed import barrier, rank_and_world
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.distributed import barrier, rank_and_world
 from diffusionlab.evaluation.features import Features, dataset_images, image_features
 from diffusionlab.files import atomic_write
 
