@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -228,6 +229,7 @@ class PeerFailed(RuntimeError):
 
 
 _OK, _STOPPED, _FAILED = 0, 1, 2
+_inside = threading.local()
 
 
 @contextmanager
@@ -235,14 +237,24 @@ def together() -> Iterator[None]:
     """Run the block on every process, then agree on its outcome: when one process failed, it
     raises its own error and every other :class:`PeerFailed` with that message; when one
     received a stop signal, all raise :class:`~diffusionlab.stopping.Stopped` with it. One small
-    collective (two when something went wrong); nothing without a process group."""
+    collective (two when something went wrong); nothing without a process group.
+
+    The block itself must not run collectives (a process that fails before one would leave the
+    others in it); a nested ``together`` is part of the outer block (rank 0 works, the others
+    wait in the outer agreement)."""
+    if getattr(_inside, "together", False):  # nested: the outer block agrees for both
+        yield
+        return
     status, what, error = _OK, "", None
+    _inside.together = True
     try:
         yield
     except Stopped as e:
         status, what, error = _STOPPED, e.signal, e
     except Exception as e:  # noqa: BLE001 (re-raised below, after the others know)
         status, what, error = _FAILED, f"{type(e).__name__}: {e}", e
+    finally:
+        _inside.together = False
     if status == _OK and requested():
         status, what = _STOPPED, requested() or ""
     worst = all_max(status)

@@ -71,8 +71,8 @@ def user_errors_exit(task: Callable[..., T]) -> Callable[..., T]:
 def _exit(e: BaseException) -> NoReturn:
     if os.environ.get(_USER_FULL_ERROR) == "1":
         raise e
-    if isinstance(e, PeerFailed) and not is_main():
-        sys.exit(1)  # rank 0 says it once
+    if not is_main():
+        sys.exit(1)  # rank 0 says it once for the job (its own error, or the failed process's)
     sys.exit(f"error: {user_message(e)}")
 
 
@@ -116,3 +116,47 @@ def log_file_per_process() -> None:
             root.addHandler(own)
         elif isinstance(h, logging.StreamHandler):
             h.setLevel(max(h.level, logging.WARNING))
+
+
+def user_message(e: BaseException) -> str:
+    """One line for the user: the innermost cause of an instantiation error with its config key,
+    Hydra's composition messages folded onto one line, OmegaConf's first line."""
+    if isinstance(e, InstantiationException):
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not e:
+            key = getattr(e, "full_key", None) or str(e).partition("full_key:")[2].strip()
+            target = str(e).partition("target '")[2].partition("'")[0]
+            where = f"config key: {key}" if key else f"in {target}" if target else ""
+            return user_message(cause) + (f" ({where})" if where else "")
+    if isinstance(e, OmegaConfBaseException):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "\nOriginal Traceback" in str(e):  # re-raised from a DataLoader worker: its message
+        last = str(e).strip().splitlines()[-1]
+        return last.partition(": ")[2] or last
+    text = _one_line(str(e).split("Config search path")[0])
+    if isinstance(e, OverrideParseException):
+        text = f"cannot parse override {e.override!r}: {text}"
+    if isinstance(e, HydraException) and isinstance(e.__cause__, OmegaConfBaseException):
+        text += f" ({user_message(e.__cause__)})"
+    return text
+
+
+def _one_line(text: str) -> str:
+    """Fold a multi-line message: ``Header:`` + indented items -> ``Header: a, b, c``."""
+    out: list[str] = []
+    items: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line[0].isspace() and out and out[-1].endswith(":"):
+            items.append(line.strip())
+            continue
+        if items:
+            out[-1] += " " + ", ".join(items)
+            items = []
+        out.append(line.strip())
+    if items:
+        out[-1] += " " + ", ".join(items)
+    return " ".join(out)
