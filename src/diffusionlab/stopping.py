@@ -50,6 +50,11 @@ def requested() -> str | None:
     return signal.Signals(_received[0]).name if _received else None
 
 
+def received() -> list[str]:
+    """The names of the stop signals received in the active session, in order."""
+    return [signal.Signals(s).name for s in _received]
+
+
 def check() -> None:
     """A stop point: raise :class:`Stopped` when a stop signal has arrived."""
     if _received:
