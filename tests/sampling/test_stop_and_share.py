@@ -121,7 +121,12 @@ def test_launch_from_torchrun_srun_and_submitit_environments():
         "SUBMITIT_LOCAL_JOB_ID": "999",
     }
     one, other = launch_of(local), launch_of({**local, "SUBMITIT_LOCAL_GLOBALID": "0"})
-    assert (one.rank, one.world_size, one.launcher, one.master_addr) == (1, 2, "submitit", "127.0.0.1")
+    assert (one.rank, one.world_size, one.launcher, one.master_addr) == (
+        1,
+        2,
+        "submitit",
+        "127.0.0.1",
+    )
     assert one.master_port == other.master_port  # both tasks derive the same port
 
 
