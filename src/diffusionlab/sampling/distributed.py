@@ -7,6 +7,7 @@ uninterrupted run."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,26 +32,35 @@ log = logging.getLogger(__name__)
 @dataclass
 class Tally:
     """What a sampling run did: images each process made (``made[rank]``), images found already
-    written and skipped, and the seeds asked for. ``samples`` holds every sample (gathered, in
-    seed order) when nothing is kept per seed (``png=false`` or 2-D data)."""
+    written and skipped, the seeds asked for, and the wall-clock ``seconds`` the processes
+    generated for (from their common start to the last batch). ``samples`` holds every sample
+    (gathered, in seed order) when nothing is kept per seed (``png=false`` or 2-D data)."""
 
     total: int
     skipped: int = 0
     made: list[int] = field(default_factory=list)
+    seconds: float = 0.0
     samples: Tensor | None = None
 
     @property
     def written(self) -> int:
         return self.skipped + sum(self.made)
 
+    @property
+    def images_per_s(self) -> float:
+        """Images made per second of generation, all processes together."""
+        return sum(self.made) / self.seconds if self.seconds > 0 else 0.0
+
     def summary(self) -> str:
-        """``2 processes made 64 images (32 + 32), 0 already written``."""
+        """``2 processes made 64 images (32 + 32), 0 already written were skipped; 12.0 s,
+        5.33 images/s``."""
         n = len(self.made)
         each = " + ".join(str(m) for m in self.made) if n > 1 else ""
         return (
             f"{n} process{'es' if n > 1 else ''} made {sum(self.made)} image"
             f"{'s' if sum(self.made) != 1 else ''}{f' ({each})' if each else ''}, "
-            f"{self.skipped} already written were skipped"
+            f"{self.skipped} already written were skipped; "
+            f"{self.seconds:.1f} s, {self.images_per_s:.3g} images/s"
         )
 
 
@@ -117,10 +127,12 @@ def write_samples(
         bar.update(len(batch))
 
     tally = Tally(len(seeds), len(done))
+    start = time.perf_counter()  # every process leaves the broadcast above together
     try:
         lockstep(mine, batch_size, work)
     except Stopped as e:  # every process is here (lockstep agreed): count, then say so
         bar.close()
+        tally.seconds = time.perf_counter() - start
         tally.made = all_gather_objects(made[0])
         left = tally.total - tally.written
         raise e.because(
@@ -133,6 +145,7 @@ def write_samples(
             )
         ) from None
     bar.close()
+    tally.seconds = time.perf_counter() - start  # lockstep's last agreement: all are done
     tally.made = all_gather_objects(made[0])
     if not keep_files:
         shape = tuple(generator.shape) if generator.decode is None else None
