@@ -43,6 +43,20 @@ def dataset_key(target: str, path: str | None = None) -> str:
     return name
 
 
+def domain_weights(
+    data: TensorImageDataset, dataset: str, cache_dir: str | Path, steps: int = 300
+) -> Path:
+    """The weights file of the domain classifier of ``data`` (named ``dataset``), trained on its
+    ``train`` split by rank 0 on first use while the other processes wait. Call it on every
+    process and outside a ``together`` block (inside one the others would not wait)."""
+    path = domain_weights_path(cache_dir, dataset, int(data.images.shape[-1]))
+    with together():  # a failure or a stop on rank 0 reaches the others
+        if is_main() and not path.is_file():
+            log.info("training the domain feature extractor -> %s", path)
+            train_and_save(data, dataset, cache_dir, steps)
+    return path
+
+
 def domain_extractor(
     data: TensorImageDataset,
     dataset: str,
@@ -51,15 +65,9 @@ def domain_extractor(
     device: torch.device | str = "cpu",
 ) -> FeatureExtractorBase:
     """The domain classifier of ``data`` (named ``dataset``) from the cache, trained on its
-    ``train`` split on first use."""
-    resolution = int(data.images.shape[-1])
-    path = domain_weights_path(cache_dir, dataset, resolution)
-    if not path.is_file():
-        with together():  # the others wait; a failure or a stop on rank 0 reaches them
-            if is_main():
-                log.info("training the domain feature extractor -> %s", path)
-                train_and_save(data, dataset, cache_dir, steps)
-    return create_extractor(domain_name(dataset, resolution), path, device)
+    ``train`` split on first use (:func:`domain_weights`)."""
+    path = domain_weights(data, dataset, cache_dir, steps)
+    return create_extractor(domain_name(dataset, int(data.images.shape[-1])), path, device)
 
 
 class Evaluator:

@@ -72,10 +72,13 @@ class FeatureCache:
                 parts.setdefault(k, []).append(v[keep])
         return got, {k: torch.cat(v) for k, v in parts.items()}
 
-    def save(self, seeds: Sequence[int], features: Features) -> None:
-        """One batch's rows (any process; the file name is the batch's own)."""
+    def write_record(self) -> None:
+        """``record.json``: what the rows depend on, for a reader of the folder (one process)."""
         if not (self.dir / "record.json").is_file():
             atomic_write_text(self.dir / "record.json", json.dumps(self.record, indent=2))
+
+    def save(self, seeds: Sequence[int], features: Features) -> None:
+        """One batch's rows (any process; the file name is the batch's own)."""
         digest = hashlib.sha256(str(list(seeds)).encode()).hexdigest()[:12]
         path = self.dir / f"{seeds[0]:09d}_{digest}.pt"
         data = {"seeds": torch.tensor(list(seeds)), "features": features}
@@ -101,7 +104,10 @@ def _sharded(
     have: dict[int, int] = {}  # index -> row of `cached` (rank 0)
     cached: Features = {}
     if cache is not None:
-        found, cached = cache.load(keys) if rank == 0 else ([], {})
+        found: list[int] = []
+        if rank == 0:
+            cache.write_record()
+            found, cached = cache.load(keys)
         where = {s: r for r, s in enumerate(found)}
         have = {i: where[k] for i, k in enumerate(keys) if k in where}
         done = broadcast_object(sorted(have))

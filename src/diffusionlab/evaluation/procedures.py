@@ -19,7 +19,12 @@ from diffusionlab.data.datasets import TensorImageDataset, split_indices
 from diffusionlab.distributed import broadcast_object, is_main, together
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.bits_per_dim import bits_per_dim
-from diffusionlab.evaluation.evaluator import Evaluator, dataset_key, domain_extractor
+from diffusionlab.evaluation.evaluator import (
+    Evaluator,
+    dataset_key,
+    domain_extractor,
+    domain_weights,
+)
 from diffusionlab.evaluation.features import FeatureCache
 from diffusionlab.evaluation.images import load_images
 from diffusionlab.evaluation.plan import EvaluationPlan
@@ -142,11 +147,15 @@ def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
     """Run the plan; the result is also written to ``<output_dir>/metrics.json`` (``metrics``,
     and ``sweep`` / ``ema_sweep`` rows, ``bpd`` when asked)."""
     s = plan.score
-    with together():  # rank 0 trains a missing domain extractor, the others wait
+    with together():  # a dataset one process cannot read stops all of them
         data = instantiate(plan.dataset)
+    key = dataset_key(plan.dataset._target_, plan.dataset.get("path"))
+    if s.extractor == "domain" or s.recognition:  # rank 0 trains a missing one, the others wait
+        domain_weights(data, key, s.cache_dir, s.extractor_steps)
+    with together():
         evaluator = Evaluator(
             data,
-            dataset_key(plan.dataset._target_, plan.dataset.get("path")),
+            key,
             s.cache_dir,
             extractor=s.extractor,
             split=s.split,
