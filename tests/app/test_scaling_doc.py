@@ -17,8 +17,10 @@ DOC = ROOT / "docs" / "scaling.md"
 
 
 def _commands() -> list[str]:
+    """The train.py commands (sample.py / evaluate.py ones: test_scaling_sampling_doc.py)."""
     blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
-    return [line for b in blocks for line in b.splitlines() if line and not line.startswith("#")]
+    lines = [line for b in blocks for line in b.splitlines()]
+    return [line for line in lines if line and not line.startswith("#") and "train.py" in line]
 
 
 def _tiny(log_dir: Path, steps: int) -> str:

@@ -121,6 +121,19 @@ def test_ddp_smoke():
     assert set(res["images_per_s"]) == {"1", "2"} and res["ratio"] > 0
 
 
+@pytest.mark.slow
+def test_sample_processes_smoke():
+    """docs/scaling.md's python bench/sample_processes.py with fewer images: sample.py under
+    torchrun with 1 and 2 processes, the same images for the same threads per process."""
+    args = ["--nfe", "4", "--num", "8", "--batch", "4", "--rounds", "1"]
+    res = run_bench("sample_processes", *args, timeout=600)
+    cores = os.cpu_count() or 1
+    runs = {f"1x{cores}", "1x1", f"2x{max(1, cores // 2)}"}
+    assert set(res["images_per_s"]) == runs and res["ratio"] > 0
+    assert all(v[0] > 0 for v in res["images_per_s"].values())
+    assert res["max_pixel_difference_across_thread_counts"] <= 2
+
+
 def test_learned_grids_smoke_beats_the_grid_it_started_from():
     args = ["--nfe", "5", "--samplers", "dpmpp_2m", "--targets", "gaussian16"]
     res = run_bench("learned_grids", *args, "--steps", "15", "--n-fit", "16", "--n-test", "64")

@@ -22,13 +22,26 @@ from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.checkpoint import load_module, pick_device
 from diffusionlab.sampling.generator import DiffusionGenerator, denoiser_of
 from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.stopping import Stopped, stop_signals
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
-    """Fit and store the grid; returns the file written and the fit."""
+    """Fit and store the grid; returns the file written and the fit. A stop signal ends the fit
+    within one network evaluation, before anything is written."""
+    with stop_signals():
+        try:
+            return _fit_grid(cfg)
+        except Stopped as e:
+            raise e.because(
+                f"stopped fitting the grid of sampler={cfg.sampler.name} nfe={cfg.sampler.nfe}; "
+                "nothing was written (a fit starts from fit.init): the same command fits it again"
+            ) from None
+
+
+def _fit_grid(cfg: DictConfig) -> tuple[Path, GridFit]:
     sampler_numbers(cfg)
     sizes = ("teacher_nfe", "num_samples", "num_validation", "num_heldout", "batch_size")
     for key in (*sizes, "eval_batch_size"):

@@ -2,29 +2,44 @@
 the grid also goes to a W&B run attached to the checkpoint's training run. The sampler is the
 checkpoint's own (``sampler=inherit``: what its training grids drew with), key by key overridable;
 ``from_run=<run>`` draws a training grid again from its record (seeds, labels, sampler, guidance
-and guide), pixel for pixel."""
+and guide), pixel for pixel. On N processes (torchrun, srun, submitit) each makes its share of the
+seeds; a rerun into the same ``outdir`` skips the images already written (docs/scaling.md)."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from diffusionlab.checks import number, sampler_numbers
-from diffusionlab.cli.common import run_cli, user_errors_exit
+from diffusionlab.cli.common import (
+    log_file_per_process,
+    run_cli,
+    share_run_directory,
+    user_errors_exit,
+)
 from diffusionlab.config import CONF_DIR
+from diffusionlab.distributed import (
+    is_main,
+    rank_and_world,
+    start_processes,
+    stop_processes,
+    together,
+)
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.protocol import parse_seeds
 from diffusionlab.sampling.checkpoint import load_guide, load_module, pick_device
+from diffusionlab.sampling.distributed import Tally, labels_of, write_samples
 from diffusionlab.sampling.generator import DiffusionGenerator
 from diffusionlab.sampling.grid_record import draw_grid, find_run_grid
-from diffusionlab.sampling.images import save_samples_png, to_uint8_rgb
+from diffusionlab.sampling.images import save_samples_png
 from diffusionlab.sampling.spec import SamplerSpec, inherit_sampler
+from diffusionlab.sampling.writer import SampleFolder, file_identity
+from diffusionlab.stopping import Stopped, requeue_slurm_job, stop_signals
 from diffusionlab.tracking.loggers import finish_wandb_run
 from diffusionlab.tracking.wandb_runs import start_wandb_run
 from diffusionlab.training.module import DiffusionModule
@@ -36,33 +51,117 @@ def sample(cfg: DictConfig) -> Path:
     """Generate one image per seed into ``cfg.outdir``; returns the output directory. Every
     setting is checked first; the grid is then logged as ``samples/grid`` to a W&B run (job type
     sample), finished when this returns. With ``from_run``, a training grid drawn again
-    (:func:`sample_run_grid`)."""
+    (:func:`sample_run_grid`).
+
+    Several processes (torchrun, srun, submitit) share the seeds; images already in ``outdir``
+    (an interrupted run) are skipped; a stop signal ends every process within one batch."""
     if cfg.get("from_run"):
         return sample_run_grid(cfg)
-    seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
-    bs = number(cfg, "batch_size", int, at_least=1)
-    guidance = number(cfg, "guidance")
-    sampler_numbers(cfg)
-    device = pick_device(cfg.device)
-    module = load_module(cfg.ckpt, device)
-    spec = SamplerSpec.from_config(checkpoint_sampler(module, cfg.sampler), ckpt=cfg.ckpt)
-    spec.check(module.schedule)
-    guide = load_guide(cfg.guide_ckpt, module)
-    generator = DiffusionGenerator.from_module(module, spec, guidance, bool(cfg.use_ema), guide)
-    class_label = number(cfg, "class_label", int, optional=True)
-    if class_label is not None and not 0 <= class_label < module.label_dim:
-        raise ConfigError(
-            f"class_label={cfg.class_label} but the model has label_dim={module.label_dim}"
-        )
-    grid_labels = class_grid_labels(cfg, len(seeds), module.label_dim)
-    with finish_wandb_run():
-        run = start_wandb_run(cfg, [str(cfg.ckpt)])
-        outdir = _sample(cfg, generator, seeds, bs, grid_labels)
-        if cfg.grid:
+    with stop_signals(), finish_wandb_run():
+        start_processes()
+        log_file_per_process()
+        try:
+            return _sample(cfg)
+        except Stopped as e:
+            requeued = requeue_slurm_job(e.signal) if is_main() else None
+            raise (Stopped(e.signal, f"{e}; {requeued}") if requeued else e) from None
+
+
+def _sample(cfg: DictConfig) -> Path:
+    with together():  # a setting or file that one process cannot read stops all of them
+        seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
+        bs = number(cfg, "batch_size", int, at_least=1)
+        guidance = number(cfg, "guidance")
+        sampler_numbers(cfg)
+        device = pick_device(cfg.device)
+        module = load_module(cfg.ckpt, device)
+        spec = SamplerSpec.from_config(checkpoint_sampler(module, cfg.sampler), ckpt=cfg.ckpt)
+        spec.check(module.schedule)
+        guide = load_guide(cfg.guide_ckpt, module)
+        generator = DiffusionGenerator.from_module(module, spec, guidance, bool(cfg.use_ema), guide)
+        class_label = number(cfg, "class_label", int, optional=True)
+        if class_label is not None and not 0 <= class_label < module.label_dim:
+            raise ConfigError(
+                f"class_label={cfg.class_label} but the model has label_dim={module.label_dim}"
+            )
+        grid_labels = class_grid_labels(cfg, len(seeds), module.label_dim)
+        images = len(module.data_shape) == 3
+        folder = SampleFolder(cfg.outdir, _record(cfg, spec, guidance, class_label, len(seeds)))
+        run = None
+        if is_main():
+            resumed = folder.check_record()
+            folder.write_record()
+            run = start_wandb_run(cfg, [str(cfg.ckpt)])
+    world = rank_and_world()[1]
+    keep = bool(cfg.png) and images
+    log.info(
+        "sampling %d seeds with %s (nfe=%s) on %d process%s into %s%s",
+        len(seeds),
+        spec.name,
+        spec.nfe,
+        world,
+        "es" if world > 1 else "",
+        folder.outdir,
+        "" if keep else " (png=false: nothing is kept per seed, an interrupted run starts over)",
+    )
+    if is_main() and keep and resumed:
+        log.info("resuming: images already in %s are skipped", folder.outdir)
+    tally = write_samples(generator, seeds, folder, bs, class_label, grid_labels, keep)
+    with together():
+        if is_main():
+            _finish(cfg, generator, folder, seeds, tally, grid_labels, class_label, bs, run)
+    log.info(
+        "%d samples (%s, nfe=%s) in %s: %s",
+        len(seeds),
+        spec.name,
+        spec.nfe,
+        folder.outdir,
+        tally.summary(),
+    )
+    return folder.outdir
+
+
+def _record(
+    cfg: DictConfig, spec: SamplerSpec, guidance: float, class_label: int | None, n: int
+) -> dict:
+    """Every setting an image depends on besides its seed (``sampling.json``)."""
+    return {
+        "ckpt": file_identity(cfg.ckpt),
+        "guide_ckpt": file_identity(cfg.guide_ckpt),
+        "use_ema": bool(cfg.use_ema),
+        "sampler": spec.to_dict(),
+        "guidance": float(guidance),
+        "class_label": class_label,
+        # a class grid gives seed i the class of its row, which depends on the number of seeds
+        "class_grid": n if cfg.class_grid else None,
+    }
+
+
+def _finish(
+    cfg: DictConfig,
+    generator: DiffusionGenerator,
+    folder: SampleFolder,
+    seeds: list[int],
+    tally: Tally,
+    grid_labels: torch.Tensor | None,
+    class_label: int | None,
+    bs: int,
+    run,
+) -> None:
+    """Rank 0: the grid and the npz from every process's files (or the gathered samples), and
+    the grid to W&B."""
+    x = tally.samples
+    if cfg.grid:
+        nrow = len(seeds) // generator.num_classes if grid_labels is not None else None
+        shown = seeds if nrow else seeds[:256]
+        folder.write_grid(folder.read(shown) if x is None else x[: len(shown)], nrow)
+        if run is not None:
             import wandb
 
-            run.log({"samples/grid": wandb.Image(str(outdir / "grid.png"))})
-    return outdir
+            run.log({"samples/grid": wandb.Image(str(folder.outdir / "grid.png"))})
+    if cfg.npz:
+        labels = labels_of(generator, seeds, class_label, grid_labels, bs)
+        folder.write_npz(seeds, x, labels)
 
 
 def checkpoint_sampler(module: DiffusionModule, node: DictConfig | None) -> dict:
@@ -142,58 +241,8 @@ def class_grid_labels(cfg: DictConfig, n: int, label_dim: int) -> torch.Tensor |
     return torch.arange(n) // (n // label_dim)
 
 
-def _sample(
-    cfg: DictConfig,
-    generator: DiffusionGenerator,
-    seeds: list[int],
-    bs: int,
-    grid_labels: torch.Tensor | None = None,
-) -> Path:
-    outdir = Path(cfg.outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    images, labels = [], []
-    for start in tqdm(range(0, len(seeds), bs), desc="sampling", unit="batch"):
-        batch = seeds[start : start + bs]
-        if grid_labels is None:
-            noise, lab, gen = generator.seeded_inputs(batch, cfg.class_label)
-        else:  # a fixed label draws nothing from the per-seed generators; then the grid's labels
-            noise, _, gen = generator.seeded_inputs(batch, 0)
-            lab = grid_labels[start : start + bs].to(noise.device)
-        x = generator.sample_images(noise, lab, gen).cpu()
-        images.append(x)
-        if lab is not None:
-            labels.append(lab.cpu())
-        if cfg.png and x.ndim == 4:
-            _write_pngs(x, batch, outdir)
-    x = torch.cat(images)
-    if cfg.grid:
-        nrow = len(seeds) // generator.num_classes if grid_labels is not None else None
-        save_samples_png(x if nrow else x[:256], outdir / "grid.png", nrow)
-    if cfg.npz:
-        arrays = {"seeds": np.array(seeds)}
-        arrays["samples"] = (
-            to_uint8_rgb(x)[:, : x.shape[1]].permute(0, 2, 3, 1).numpy()
-            if x.ndim == 4
-            else x.numpy()
-        )
-        if labels:
-            arrays["labels"] = torch.cat(labels).numpy()
-        np.savez(outdir / "samples.npz", **arrays)
-    spec = generator.spec
-    log.info("%d samples (%s, nfe=%s) in %s", len(seeds), spec.name, spec.nfe, outdir)
-    return outdir
-
-
 def _plain(value):
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-
-
-def _write_pngs(x: torch.Tensor, seeds: list[int], outdir: Path) -> None:
-    from PIL import Image
-
-    arr = to_uint8_rgb(x)[:, : x.shape[1]].permute(0, 2, 3, 1).numpy()
-    for seed, img in zip(seeds, arr, strict=True):
-        Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(outdir / f"{seed:06d}.png")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
@@ -205,7 +254,11 @@ def app(cfg: DictConfig) -> None:
 def main() -> None:
     """``sample.py`` / ``dl-sample``: user errors end as one ``error: ...`` line; ``seeds=0-9,20``
     is read as seeds, not as a sweep (cli/vocabulary.py)."""
-    run_cli(app, "sample")
+    sys.argv = share_run_directory(sys.argv)
+    try:
+        run_cli(app, "sample")
+    finally:
+        stop_processes()
 
 
 if __name__ == "__main__":

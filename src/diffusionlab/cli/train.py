@@ -27,6 +27,7 @@ from diffusionlab.data.lazy import fill_from_files
 from diffusionlab.errors import ConfigError
 from diffusionlab.interop.module import init_weights
 from diffusionlab.sampling.spec import SamplerSpec, inherit_sampler
+from diffusionlab.stopping import Stopped
 from diffusionlab.tracking.loggers import finish_wandb_run, resolve_wandb_mode
 from diffusionlab.tracking.run_identity import run_config
 from diffusionlab.tracking.run_record import write_run_record
@@ -222,8 +223,26 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
         write_run_record(cfg.paths.output_dir, config, trainer.loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Stopped as e:  # only the work after the last step lets it through (preemption.py)
+        raise e.because(
+            f"stopped the work after the last step (final sample grid / FID) of a complete "
+            f"run, step {trainer.global_step}, saved in {last}; draw and score it with "
+            f"python sample.py ckpt={last} / python evaluate.py ckpt={last}"
+        ) from None
+    if _preemption(trainer).signal == "SIGINT":
+        raise Stopped(
+            "SIGINT",
+            f"SIGINT: stopped at step {trainer.global_step}, saved in {last}; continue with "
+            f"python train.py resume_ckpt={last} (and the same overrides)",
+        )
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def _preemption(trainer: L.Trainer) -> Preemption:
+    return next(cb for cb in trainer.callbacks if isinstance(cb, Preemption))
 
 
 def make_trainer(

@@ -13,6 +13,7 @@ from diffusionlab.evaluation.evaluator import Evaluator, dataset_key
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.sampling.generator import DiffusionGenerator
 from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.stopping import Stopped, received
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,9 @@ class FIDCallback(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the end of training when ``at_end``),
     sample ``num_samples`` images from seeds ``seed ..`` with the EMA denoiser and the ``sampler``
     config (a :class:`~diffusionlab.sampling.spec.SamplerSpec` node), score them against the training data
-    and log ``eval/fid`` etc. to every logger. Work is shared over DDP processes.
+    and log ``eval/fid`` etc. to every logger. Work is shared over DDP processes. A stop signal
+    ends it within one batch: skipped during training (the run stops at that step), the end of
+    the run after the last step.
 
     ``dataset`` is the dataset config's ``_target_`` (it names the cache entries); the domain
     extractor is trained on first use (``extractor_steps`` steps) and cached in ``cache_dir``.
@@ -88,7 +91,11 @@ class FIDCallback(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        metrics, seconds = self.evaluate(trainer, pl_module)
+        try:
+            metrics, seconds = self.evaluate(trainer, pl_module)
+        except Stopped as e:  # the step's checkpoint and stop follow (training.preemption)
+            log.warning("%s: FID of step %d not computed", e.signal, trainer.global_step)
+            return
         self.last = metrics
         for key, value in metrics.items():
             pl_module.log(f"eval/{key}", value, on_step=True, on_epoch=False, sync_dist=False)
@@ -103,8 +110,12 @@ class FIDCallback(L.Callback):
             self._run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if received():  # stopped by a signal, not finished: no final FID
+            return
         if self.at_end and trainer.global_step % max(self.every_n_steps, 1) != 0:
-            metrics, _ = self.evaluate(trainer, pl_module)
+            if trainer.is_global_zero:
+                log.info("end of training (step %d): FID", trainer.global_step)
+            metrics, _ = self.evaluate(trainer, pl_module)  # a stop signal ends the run here
             self.last = metrics
             if trainer.is_global_zero:
                 for logger in trainer.loggers:

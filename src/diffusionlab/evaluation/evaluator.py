@@ -13,8 +13,8 @@ from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.data import TensorImageDataset
+from diffusionlab.distributed import is_main, together
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.distributed import barrier, rank_and_world
 from diffusionlab.evaluation.extractors import (
     INCEPTION,
     create_extractor,
@@ -22,12 +22,13 @@ from diffusionlab.evaluation.extractors import (
     domain_name,
     domain_weights_path,
 )
-from diffusionlab.evaluation.features import Features, image_features
+from diffusionlab.evaluation.features import FeatureCache, Features, image_features
 from diffusionlab.evaluation.metrics import METRICS, compute_metrics
 from diffusionlab.evaluation.protocol import evaluate_generator
 from diffusionlab.evaluation.reference import reference_features
 from diffusionlab.evaluation.train_extractor import train_and_save
 from diffusionlab.sampling.generator import DiffusionGenerator
+from diffusionlab.sampling.writer import file_identity
 
 log = logging.getLogger(__name__)
 EXTRACTORS = ("domain", "inception")
@@ -42,6 +43,20 @@ def dataset_key(target: str, path: str | None = None) -> str:
     return name
 
 
+def domain_weights(
+    data: TensorImageDataset, dataset: str, cache_dir: str | Path, steps: int = 300
+) -> Path:
+    """The weights file of the domain classifier of ``data`` (named ``dataset``), trained on its
+    ``train`` split by rank 0 on first use while the other processes wait. Call it on every
+    process and outside a ``together`` block (inside one the others would not wait)."""
+    path = domain_weights_path(cache_dir, dataset, int(data.images.shape[-1]))
+    with together():  # a failure or a stop on rank 0 reaches the others
+        if is_main() and not path.is_file():
+            log.info("training the domain feature extractor -> %s", path)
+            train_and_save(data, dataset, cache_dir, steps)
+    return path
+
+
 def domain_extractor(
     data: TensorImageDataset,
     dataset: str,
@@ -50,15 +65,9 @@ def domain_extractor(
     device: torch.device | str = "cpu",
 ) -> FeatureExtractorBase:
     """The domain classifier of ``data`` (named ``dataset``) from the cache, trained on its
-    ``train`` split on first use."""
-    resolution = int(data.images.shape[-1])
-    path = domain_weights_path(cache_dir, dataset, resolution)
-    if not path.is_file():
-        if rank_and_world()[0] == 0:
-            log.info("training the domain feature extractor -> %s", path)
-            train_and_save(data, dataset, cache_dir, steps)
-        barrier()
-    return create_extractor(domain_name(dataset, resolution), path, device)
+    ``train`` split on first use (:func:`domain_weights`)."""
+    path = domain_weights(data, dataset, cache_dir, steps)
+    return create_extractor(domain_name(dataset, int(data.images.shape[-1])), path, device)
 
 
 class Evaluator:
@@ -92,6 +101,11 @@ class Evaluator:
         else:
             self.extractor = self._domain_extractor(extractor_steps)
         self.layers = default_layers(self.extractor.get_name())
+        self.extractor_weights = (
+            inception_weights
+            if extractor == "inception"
+            else domain_weights_path(self.cache_dir, dataset, int(data.images.shape[-1]))
+        )
         self._reference: Features | None = None
 
     def _domain_extractor(self, steps: int):
@@ -113,8 +127,10 @@ class Evaluator:
         batch_size: int = 64,
         class_label: int | None = None,
         progress: bool = False,
+        cache: FeatureCache | None = None,
     ) -> dict[str, float]:
-        """Metrics of ``generator`` over each seed range (min / mean / max when several)."""
+        """Metrics of ``generator`` over each seed range (min / mean / max when several); the
+        samples' features kept in ``cache`` (see :meth:`feature_cache`) are not made again."""
         return evaluate_generator(
             generator,
             self.extractor,
@@ -125,7 +141,17 @@ class Evaluator:
             batch_size,
             class_label,
             progress,
+            cache,
         )
+
+    def feature_cache(self, root: str | Path, generation: dict) -> FeatureCache:
+        """Where the features of the samples of ``generation`` (every setting a sample depends on
+        besides its seed) by this extractor are kept under ``root``."""
+        extractor = {
+            "name": self.extractor.get_name(),
+            "weights": file_identity(self.extractor_weights),
+        }
+        return FeatureCache(root, {**generation, "extractor": extractor})
 
     def score_images(self, images: Tensor, batch_size: int = 250) -> dict[str, float]:
         """Metrics of uint8 RGB ``images`` [N, 3, H, W] (e.g. a folder of PNGs)."""

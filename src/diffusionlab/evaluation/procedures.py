@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,21 +16,32 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from diffusionlab.data.datasets import TensorImageDataset, split_indices
+from diffusionlab.distributed import broadcast_object, is_main, together
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.bits_per_dim import bits_per_dim
-from diffusionlab.evaluation.evaluator import Evaluator, dataset_key, domain_extractor
+from diffusionlab.evaluation.evaluator import (
+    Evaluator,
+    dataset_key,
+    domain_extractor,
+    domain_weights,
+)
+from diffusionlab.evaluation.features import FeatureCache
 from diffusionlab.evaluation.images import load_images
 from diffusionlab.evaluation.plan import EvaluationPlan
 from diffusionlab.evaluation.recognition import generate_labelled, recognition_metrics
 from diffusionlab.evaluation.sweep_plots import plot_fid_curve
 from diffusionlab.evaluation.tables import write_sweep_table
+from diffusionlab.files import atomic_write_text
 from diffusionlab.sampling.checkpoint import load_guide, load_module
 from diffusionlab.sampling.generator import DiffusionGenerator
 from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.sampling.writer import file_identity
 from diffusionlab.training.ema_snapshots import SNAPSHOT_FOLDER, write_reconstructions
 from diffusionlab.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
+# under the run directory: the generated samples' features, kept until the evaluation ends
+FEATURES = "generated_features"
 
 
 @dataclass
@@ -52,7 +64,16 @@ def load(plan: EvaluationPlan) -> Loaded:
     if plan.images:
         return Loaded([])
     if plan.ema_sweep:
-        return Loaded(reconstructed_checkpoints(plan) if plan.ema_sigma_rels else list(plan.ckpts))
+        if not plan.ema_sigma_rels:
+            return Loaded(list(plan.ckpts))
+        with together():  # rank 0 writes them, the others read them
+            paths = reconstructed_checkpoints(plan) if is_main() else None
+        return Loaded(broadcast_object(paths))
+    with together():  # a file one process cannot read stops all of them
+        return _load_one(plan)
+
+
+def _load_one(plan: EvaluationPlan) -> Loaded:
     (ckpt,) = plan.ckpts
     module = load_module(ckpt, plan.device)
     guide = load_guide(plan.guide_ckpt, module)
@@ -125,19 +146,24 @@ class Outcome:
 def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
     """Run the plan; the result is also written to ``<output_dir>/metrics.json`` (``metrics``,
     and ``sweep`` / ``ema_sweep`` rows, ``bpd`` when asked)."""
-    data = instantiate(plan.dataset)
     s = plan.score
-    evaluator = Evaluator(
-        data,
-        dataset_key(plan.dataset._target_, plan.dataset.get("path")),
-        s.cache_dir,
-        extractor=s.extractor,
-        split=s.split,
-        inception_weights=s.inception_weights,
-        metrics=list(s.metrics),
-        extractor_steps=s.extractor_steps,
-        device=plan.device,
-    )
+    with together():  # a dataset one process cannot read stops all of them
+        data = instantiate(plan.dataset)
+    key = dataset_key(plan.dataset._target_, plan.dataset.get("path"))
+    if s.extractor == "domain" or s.recognition:  # rank 0 trains a missing one, the others wait
+        domain_weights(data, key, s.cache_dir, s.extractor_steps)
+    with together():
+        evaluator = Evaluator(
+            data,
+            key,
+            s.cache_dir,
+            extractor=s.extractor,
+            split=s.split,
+            inception_weights=s.inception_weights,
+            metrics=list(s.metrics),
+            extractor_steps=s.extractor_steps,
+            device=plan.device,
+        )
     outdir = plan.output_dir
     outdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"dataset": evaluator.dataset, "split": s.split, "extractor": s.extractor}
@@ -148,7 +174,8 @@ def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
         result["metrics"] = evaluator.score_images(images) if s.metrics else {}
         if s.recognition:
             floats = images[:, : data.images.shape[1]].float() / 127.5 - 1.0
-            result["metrics"].update(recognition(plan, evaluator, data, floats, None))
+            with together():
+                result["metrics"].update(recognition(plan, evaluator, data, floats, None))
     elif plan.ema_sweep:
         rows, x = ema_sweep(plan, loaded.ckpts, evaluator)
         best = min(rows, key=lambda r: r.get("fid", math.inf))
@@ -164,22 +191,51 @@ def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
         result.update(ckpt=loaded.ckpts[0], sampler=spec.to_dict(), num_samples=s.num_samples)
         if plan.guide_ckpt:
             result["guide_ckpt"] = plan.guide_ckpt
+        cache = feature_cache(plan, evaluator, loaded.ckpts[0], spec, plan.guide_ckpt)
         result["metrics"] = (
-            evaluator.score_generator(gen, ranges, s.batch_size, plan.class_label, progress=True)
+            evaluator.score_generator(
+                gen, ranges, s.batch_size, plan.class_label, progress=True, cache=cache
+            )
             if s.metrics
             else {}
         )
-        if s.recognition:
-            images, labels = generate_labelled(gen, ranges[0], s.batch_size, plan.class_label)
-            result["metrics"].update(recognition(plan, evaluator, data, images, labels))
+        if s.recognition:  # every process makes the same images (not shared out)
+            with together():
+                images, labels = generate_labelled(gen, ranges[0], s.batch_size, plan.class_label)
+                result["metrics"].update(recognition(plan, evaluator, data, images, labels))
         if loaded.sweep:
             result["sweep"] = nfe_sweep(plan, loaded, evaluator)
             curves.append(Curve("nfe_sweep", "fid_vs_nfe", result["sweep"], "nfe", "sampler"))
-        if plan.bpd.num_images:
-            result["bpd"] = bits_per_dim(plan.bpd, module, data, s.split, plan.use_ema)
-    (outdir / "metrics.json").write_text(json.dumps(result, indent=2))
-    log.info("metrics: %s -> %s", result["metrics"], outdir / "metrics.json")
+        if plan.bpd.num_images:  # every process computes the same (not shared out)
+            with together():
+                result["bpd"] = bits_per_dim(plan.bpd, module, data, s.split, plan.use_ema)
+    with together():
+        if is_main():
+            atomic_write_text(outdir / "metrics.json", json.dumps(result, indent=2))
+            shutil.rmtree(outdir / FEATURES, ignore_errors=True)  # done: nothing to resume
+            log.info("metrics: %s -> %s", result["metrics"], outdir / "metrics.json")
     return Outcome(result, curves)
+
+
+def feature_cache(
+    plan: EvaluationPlan,
+    evaluator: Evaluator,
+    ckpt: str,
+    spec: SamplerSpec,
+    guide_ckpt: str | None = None,
+) -> FeatureCache:
+    """Where the features of this checkpoint's samples are kept until the evaluation ends
+    (``<output_dir>/generated_features/<hash of the settings>/``), so that a rerun into the same
+    run directory continues an interrupted one instead of sampling again."""
+    generation = {
+        "ckpt": file_identity(ckpt),
+        "guide_ckpt": file_identity(guide_ckpt),
+        "use_ema": plan.use_ema,
+        "sampler": spec.to_dict(),
+        "guidance": plan.guidance,
+        "class_label": plan.class_label,
+    }
+    return evaluator.feature_cache(plan.output_dir / FEATURES, generation)
 
 
 def recognition(
@@ -212,14 +268,17 @@ def nfe_sweep(plan: EvaluationPlan, loaded: Loaded, evaluator: Evaluator) -> lis
         gen = DiffusionGenerator.from_module(
             loaded.module, spec, plan.guidance, plan.use_ema, loaded.guide
         )
+        cache = feature_cache(plan, evaluator, loaded.ckpts[0], spec, plan.guide_ckpt)
         metrics = evaluator.score_generator(
-            gen, plan.score.seed_ranges, plan.score.batch_size, plan.class_label
+            gen, plan.score.seed_ranges, plan.score.batch_size, plan.class_label, cache=cache
         )
         name = spec.name + (f"/{spec.discretization}" if several else "")
         rows.append({"sampler": name, "nfe": spec.nfe, **metrics})
         log.info("sweep %s nfe=%d: %s", name, spec.nfe, metrics)
-    write_sweep_table(rows, plan.output_dir / "nfe_sweep")
-    plot_fid_curve(rows, "nfe", "sampler", plan.output_dir / "fid_vs_nfe.png")
+    with together():
+        if is_main():
+            write_sweep_table(rows, plan.output_dir / "nfe_sweep")
+            plot_fid_curve(rows, "nfe", "sampler", plan.output_dir / "fid_vs_nfe.png")
     return rows
 
 
@@ -244,18 +303,25 @@ def ema_sweep(
     same kind of EMA."""
     rows = []
     for ckpt in ckpts:
-        module = load_module(ckpt, plan.device)
-        key, length = ema_length(module)
-        if rows and key not in rows[0]:
-            raise ConfigError(f"ckpt={ckpt!r} has {key}; the other checkpoints do not")
-        spec = SamplerSpec.from_config(plan.sampler, ckpt=ckpt)
-        gen = DiffusionGenerator.from_module(module, spec, plan.guidance, plan.use_ema)
+        with together():
+            module = load_module(ckpt, plan.device)
+            key, length = ema_length(module)
+            if rows and key not in rows[0]:
+                raise ConfigError(f"ckpt={ckpt!r} has {key}; the other checkpoints do not")
+            spec = SamplerSpec.from_config(plan.sampler, ckpt=ckpt)
+            gen = DiffusionGenerator.from_module(module, spec, plan.guidance, plan.use_ema)
         metrics = evaluator.score_generator(
-            gen, plan.score.seed_ranges, plan.score.batch_size, plan.class_label
+            gen,
+            plan.score.seed_ranges,
+            plan.score.batch_size,
+            plan.class_label,
+            cache=feature_cache(plan, evaluator, ckpt, spec),
         )
         rows.append({"ckpt": ckpt, key: length, **metrics})
         log.info("%s %s=%g: %s", ckpt, key, length, metrics)
     rows.sort(key=lambda r: r[key])
-    write_sweep_table(rows, plan.output_dir / "ema_sweep")
-    plot_fid_curve(rows, key, None, plan.output_dir / "fid_vs_ema.png")
+    with together():
+        if is_main():
+            write_sweep_table(rows, plan.output_dir / "ema_sweep")
+            plot_fid_curve(rows, key, None, plan.output_dir / "fid_vs_ema.png")
     return rows, key

@@ -9,7 +9,7 @@ import numpy as np
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.features import Features, generated_features
+from diffusionlab.evaluation.features import FeatureCache, Features, generated_features
 from diffusionlab.evaluation.metrics import METRICS, compute_metrics
 from diffusionlab.sampling.generator import DiffusionGenerator
 
@@ -82,10 +82,14 @@ def evaluate_generator(
     batch_size: int = 64,
     class_label: int | None = None,
     progress: bool = False,
+    cache: FeatureCache | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``generator`` for each seed range (sharded over processes), summarised."""
+    """Metrics of ``generator`` for each seed range (sharded over processes, features kept in
+    ``cache`` when given), summarised."""
     runs = []
     for seeds in ranges:
-        feats = generated_features(generator, extractor, seeds, batch_size, class_label, progress)
+        feats = generated_features(
+            generator, extractor, seeds, batch_size, class_label, progress, cache
+        )
         runs.append(compute_metrics(feats, reference, layers, metrics))
     return summarize(runs)

@@ -11,8 +11,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.data import TensorImageDataset, digits, mnist
 from diffusionlab.data.datasets import split_indices
+from diffusionlab.distributed import is_main, together
 from diffusionlab.errors import ConfigError
-from diffusionlab.evaluation.distributed import barrier, rank_and_world
 from diffusionlab.evaluation.features import Features, dataset_images, image_features
 from diffusionlab.files import atomic_write
 
@@ -54,8 +54,8 @@ def reference_features(
             log.warning("cached reference features %s unreadable (%s); recomputing", path, e)
     images = data.images[split_indices(len(data), split)]
     feats = image_features(dataset_images(images), images.shape[0], extractor, batch_size)
-    if rank_and_world()[0] == 0:
-        atomic_write(path, lambda f: torch.save(feats, f))
-        log.info("cached reference features %s (%d images)", path, images.shape[0])
-    barrier()
+    with together():
+        if is_main():
+            atomic_write(path, lambda f: torch.save(feats, f))
+            log.info("cached reference features %s (%d images)", path, images.shape[0])
     return feats

@@ -25,6 +25,7 @@ from diffusionlab.sampling.grid_record import (
 )
 from diffusionlab.sampling.images import log_image, save_samples_png
 from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.stopping import Stopped, received
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class SampleGrid(L.Callback):
     (or points) from seeds ``seed .. seed + num_samples - 1`` with the EMA denoiser and the
     ``sampler`` spec (None: the run's, stored with the model) and save
     ``samples/step_XXXXXX.png``, with its record ``samples/step_XXXXXX.json``.
+    A stop signal ends a grid within one network evaluation: during training the grid is
+    skipped and the run stops at that step (``training/preemption.py``); at the end of training
+    the run ends there with :class:`~diffusionlab.stopping.Stopped`.
 
     Class-conditional models get label ``i % label_dim`` for sample ``i`` (one class per column
     when ``num_samples`` is a multiple of ``label_dim``).
@@ -159,10 +163,16 @@ class SampleGrid(L.Callback):
         if step == self.guide_step:
             self._take_guide(trainer, pl_module)
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
-            self._sample(trainer, pl_module)
+            try:
+                self._sample(trainer, pl_module)
+            except Stopped as e:  # the step's checkpoint and stop follow (training.preemption)
+                log.warning("%s: sample grid of step %d not drawn", e.signal, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sample(trainer, pl_module)
+        if received():  # stopped by a signal, not finished: no final grid
+            return
+        log.info("end of training (step %d): sample grid of %d", trainer.global_step, self.n)
+        self._sample(trainer, pl_module)  # a stop signal here ends the run (Stopped)
 
     def state_dict(self) -> dict[str, Any]:
         guide = self._guide.state_dict() if self._guide is not None else self._guide_state

@@ -9,6 +9,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from diffusionlab.distributed import launch_of, local_cuda_index
 from diffusionlab.errors import CheckpointError, ConfigError
 from diffusionlab.interop import is_pretrained, load_pretrained, pretrained_run_config
 from diffusionlab.training.checkpoint_io import read_checkpoint
@@ -16,10 +17,22 @@ from diffusionlab.training.module import DiffusionModule
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` (or ``auto``) is this process's GPU,
+    ``cuda:LOCAL_RANK``, when torchrun, srun or submitit started several processes."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    launch = launch_of()
+    if device.index is None:
+        return torch.device("cuda", local_cuda_index(launch))
+    if launch.distributed:
+        raise ConfigError(
+            f"device={name}: with {launch.world_size} processes each takes its own GPU "
+            "(cuda:LOCAL_RANK); use device=cuda or device=auto"
+        )
+    return device
 
 
 def load_module(ckpt: str | None, device: torch.device) -> DiffusionModule:

@@ -24,6 +24,7 @@ from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.conditioning import CondDenoise, Condition, condition_of, conditioned
 from diffusionlab.sampling.images import to_uint8_rgb
 from diffusionlab.sampling.spec import SamplerSpec
+from diffusionlab.stopping import stoppable
 from diffusionlab.training.module import DiffusionModule
 
 
@@ -156,7 +157,11 @@ class DiffusionGenerator(GenerativeModelBase):
     # ------------------------------------------------------------------ sampling
     def denoiser(self, cond: Tensor | None = None) -> Denoise:
         """``denoise(x, sigma)`` for the encoded condition ``cond`` with guidance applied: the
-        function the sampler (or an editing method) sees."""
+        function the sampler (or an editing method) sees. Every call is a stop point
+        (``diffusionlab.stopping``): a stop signal ends sampling within one network evaluation."""
+        return stoppable(self._guided(cond))
+
+    def _guided(self, cond: Tensor | None) -> Denoise:
         if self.guide is not None:  # autoguidance, Karras et al. 2024 eq. 1
             guide = self.guide
             return cfg_denoiser(
