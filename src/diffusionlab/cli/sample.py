@@ -16,6 +16,7 @@ from tqdm import tqdm
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
+from diffusionlab.diffusion.guidance import check_guidance_interval
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.protocol import parse_seeds
 from diffusionlab.sampling.checkpoint import load_guide, load_module, pick_device
@@ -35,13 +36,16 @@ def sample(cfg: DictConfig) -> Path:
     seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "n", int, at_least=1))
     bs = number(cfg, "batch_size", int, at_least=1)
     guidance = number(cfg, "guidance")
+    interval = check_guidance_interval(_plain(cfg.get("guidance_interval")))
     sampler_numbers(cfg)
     device = pick_device(cfg.device)
     module = load_module(cfg.ckpt, device)
     spec = SamplerSpec.from_config(cfg.sampler, ckpt=cfg.ckpt)
     spec.check(module.schedule)
     guide = load_guide(cfg.guide_ckpt, module)
-    generator = DiffusionGenerator.from_module(module, spec, guidance, bool(cfg.use_ema), guide)
+    generator = DiffusionGenerator.from_module(
+        module, spec, guidance, bool(cfg.use_ema), guide, interval
+    )
     class_label = number(cfg, "class_label", int, optional=True)
     if class_label is not None and not 0 <= class_label < module.label_dim:
         raise ConfigError(
