@@ -16,8 +16,9 @@ from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.evaluation.plan import EvaluationPlan
 from diffusionlab.evaluation.procedures import load, run_evaluation
+from diffusionlab.evaluation.protocol import Protocol
 from diffusionlab.tracking.loggers import finish_wandb_run
-from diffusionlab.tracking.wandb_runs import log_curve, start_wandb_run
+from diffusionlab.tracking.wandb_runs import log_curve, log_table, start_wandb_run
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -32,6 +33,9 @@ def evaluate(cfg: DictConfig) -> dict:
             log_curve(run, f"eval/{c.table}", f"eval/{c.plot}", c.rows, c.x, c.series)
         result = outcome.result
         run.log({f"eval/{k}": v for k, v in {**result["metrics"], **result.get("bpd", {})}.items()})
+        if "protocol" in result:  # the metrics with the protocol they were measured under
+            row = {**Protocol.from_dict(result["protocol"]).row(), **result["metrics"]}
+            log_table(run, "eval/metrics_table", [row])
     return result
 
 

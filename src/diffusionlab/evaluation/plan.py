@@ -12,6 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusionlab.checks import number, numbers, sampler_numbers
 from diffusionlab.data.datasets import SPLITS
+from diffusionlab.diffusion.guidance import check_guidance_interval
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
@@ -39,6 +40,7 @@ class ScoreSettings:
     inception_weights: str | None
     cache_dir: str
     extractor_steps: int
+    dinov2_weights: str | None = None
 
     @property
     def seed_ranges(self) -> list[range]:
@@ -68,17 +70,31 @@ class NFESweep:
 
 
 @dataclass(frozen=True)
+class GuidanceSweep:
+    """``sweep.guidance`` x ``sweep.guidance_intervals``: every guidance weight with every
+    interval (None = guidance at every sigma); empty = no guidance sweep."""
+
+    weights: tuple[float, ...] = ()
+    intervals: tuple[tuple[float, float] | None, ...] = (None,)
+
+    @property
+    def points(self) -> list[tuple[float, tuple[float, float] | None]]:
+        return [(w, i) for w in self.weights for i in self.intervals]
+
+
+@dataclass(frozen=True)
 class EvaluationPlan:
     """One evaluation: the checkpoints (``ckpt``, one or several) or a folder of ``images``, the
     reference ``dataset``, the ``sampler`` config node (a spec per checkpoint, learned grids beside
-    it), guidance, the NFE sweep, the post-hoc EMA sweep (``ema_sigma_rels`` rebuilt from
-    ``ema_snapshots``), bits/dim, and where results go."""
+    it), guidance (and its sigma interval), the NFE and guidance sweeps, the post-hoc EMA sweep
+    (``ema_sigma_rels`` rebuilt from ``ema_snapshots``), bits/dim, and where results go."""
 
     ckpts: tuple[str, ...]
     images: str | None
     dataset: DictConfig
     sampler: dict[str, Any]
     guidance: float
+    guidance_interval: tuple[float, float] | None
     guide_ckpt: str | None
     use_ema: bool
     class_label: int | None
@@ -89,6 +105,7 @@ class EvaluationPlan:
     bpd: BitsPerDim
     device: torch.device
     output_dir: Path
+    guidance_sweep: GuidanceSweep = GuidanceSweep()
 
     @property
     def ema_sweep(self) -> bool:
@@ -120,6 +137,11 @@ class EvaluationPlan:
             raise ConfigError(
                 "sweep.samplers, bpd.num_images and guide_ckpt need a single ckpt (no list, no ema_sweep)"
             )
+        guidance_sweep = _guidance_sweep(cfg)
+        if guidance_sweep.weights and (several or not ckpts):
+            raise ConfigError(
+                "sweep.guidance needs a single ckpt (no list, no ema_sweep, no images)"
+            )
         score = _score_settings(cfg, several)
         guidance = float(number(cfg, "guidance"))
         sampler_numbers(cfg)
@@ -129,6 +151,11 @@ class EvaluationPlan:
             dataset=dataset_config(cfg.get("dataset"), ckpts[0] if ckpts else None, cfg.paths),
             sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
             guidance=guidance,
+            guidance_interval=check_guidance_interval(
+                OmegaConf.to_container(cfg.guidance_interval)
+                if OmegaConf.is_config(cfg.get("guidance_interval"))
+                else cfg.get("guidance_interval")
+            ),
             guide_ckpt=str(cfg.guide_ckpt) if cfg.guide_ckpt else None,
             use_ema=bool(cfg.use_ema),
             class_label=cfg.class_label,
@@ -149,7 +176,23 @@ class EvaluationPlan:
             ),
             device=pick_device(cfg.device),
             output_dir=Path(cfg.paths.output_dir),
+            guidance_sweep=guidance_sweep,
         )
+
+
+def _guidance_sweep(cfg: DictConfig) -> GuidanceSweep:
+    """``sweep.guidance`` (weights) x ``sweep.guidance_intervals`` (each ``[lo, hi]`` or null;
+    default: guidance at every sigma), checked."""
+    weights = cfg.sweep.get("guidance") or []
+    if not weights:
+        return GuidanceSweep()
+    ws = tuple(float(number(OmegaConf.create({"w": w}), "w")) for w in weights)
+    raw = cfg.sweep.get("guidance_intervals")
+    raw = [None] if raw is None or len(raw) == 0 else OmegaConf.to_container(raw)
+    intervals = tuple(
+        check_guidance_interval(i, f"sweep.guidance_intervals[{k}]") for k, i in enumerate(raw)
+    )
+    return GuidanceSweep(ws, intervals)
 
 
 def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
@@ -183,4 +226,5 @@ def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
         inception_weights=e.inception_weights,
         cache_dir=str(e.cache_dir),
         extractor_steps=int(e.extractor_steps),
+        dinov2_weights=e.get("dinov2_weights"),
     )
