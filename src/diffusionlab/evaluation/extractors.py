@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -17,7 +18,12 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from diffusionlab.errors import ConfigError
 from diffusionlab.files import file_sha256
 from diffusionlab.networks.dinov2 import load_dinov2
-from diffusionlab.networks.encoders import DomainClassifier, adapt_images
+from diffusionlab.networks.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DomainClassifier,
+    adapt_images,
+)
 
 INCEPTION = "inception-v3-compat"
 DOMAIN_PREFIX = "dl-domain-"
@@ -25,6 +31,8 @@ DOMAIN_PREFIX = "dl-domain-"
 DOMAIN_VERSION = "v2"
 DINOV2_PREFIX = "dl-dinov2-"
 DINOV2_LAYER = "dinov2"
+# the preprocessing (EDM2's resize_mode='torch'), part of the cache name of reference features
+DINOV2_VERSION = "edm2"
 
 
 def uint8_to_unit(x: Tensor, channels: int, resolution: int) -> Tensor:
@@ -86,9 +94,13 @@ class DomainFeatureExtractor(FeatureExtractorBase):
 
 
 class DINOv2FeatureExtractor(FeatureExtractorDinoV2):
-    """torch-fidelity's DINOv2 extractor (its resize to 224 px, ImageNet normalisation and the
-    class-token feature ``dinov2``) with the network read from ``feature_extractor_weights_path``,
-    an official DINOv2 file (networks/dinov2.py), instead of fetched through torch.hub."""
+    """FD-DINOv2's extractor as EDM2 defines it (``calculate_metrics.py`` DINOv2Detector, modeled
+    after dgm-eval, Stein et al. 2023): uint8 RGB resized to 224 px (bicubic, antialiased: EDM2's
+    ``resize_mode='torch'``), scaled to [0, 1], ImageNet-normalised, and the network's normalised
+    class token as the feature ``dinov2``. The network is read from
+    ``feature_extractor_weights_path``, an official DINOv2 file (networks/dinov2.py), instead of
+    fetched through torch.hub. torch-fidelity's own DINOv2 extractor resizes bilinearly (TF1
+    style) and gives other numbers; EDM2's tables are the ones users compare with."""
 
     def __init__(
         self, name: str, features_list: list[str], feature_extractor_weights_path=None, **kwargs
@@ -96,6 +108,17 @@ class DINOv2FeatureExtractor(FeatureExtractorDinoV2):
         FeatureExtractorBase.__init__(self, name, features_list)
         self.feature_extractor_internal_dtype = torch.float32
         self.model = load_dinov2(feature_extractor_weights_path, "eval.dinov2_weights")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [B, 3, H, W], got {x.dtype} {tuple(x.shape)}")
+        size = (self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE)
+        x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True)
+        x = (x / 255 - self.mean) / self.std
+        features = {"dinov2": self.model(x).float()}
+        return tuple(features[f] for f in self.features_list)
 
     @staticmethod
     def can_be_compiled() -> bool:
@@ -104,11 +127,12 @@ class DINOv2FeatureExtractor(FeatureExtractorDinoV2):
 
 def dinov2_name(weights: str | Path) -> str:
     """Registry name of the DINOv2 extractor of a weights file: its stem and content hash, so
-    reference features are cached per file (``dl-dinov2-dinov2_vitl14_pretrain-1a2b3c4d``)."""
+    reference features are cached per file
+    (``dl-dinov2-edm2-dinov2_vitl14_pretrain-1a2b3c4d``)."""
     if weights is None or not Path(weights).expanduser().is_file():
         load_dinov2(weights, "eval.dinov2_weights")  # the one message naming key and file
     path = Path(weights).expanduser()
-    return f"{DINOV2_PREFIX}{path.stem}-{file_sha256(path)[:8]}"
+    return f"{DINOV2_PREFIX}{DINOV2_VERSION}-{path.stem}-{file_sha256(path)[:8]}"
 
 
 class CombinedExtractor(FeatureExtractorBase):
@@ -119,15 +143,15 @@ class CombinedExtractor(FeatureExtractorBase):
         names = [f for e in extractors for f in e.features_list]
         if len(set(names)) != len(names):
             raise ValueError(f"feature names clash: {names}")
+        object.__setattr__(self, "_provided", tuple(names))  # read by the base's __init__
         super().__init__("+".join(e.get_name() for e in extractors), names)
         self.parts = torch.nn.ModuleList(extractors)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return tuple(f for e in self.parts for f in e(x))
 
-    @staticmethod
-    def get_provided_features_list() -> tuple[str, ...]:
-        return ()
+    def get_provided_features_list(self) -> tuple[str, ...]:
+        return self._provided
 
     @staticmethod
     def can_be_compiled() -> bool:

@@ -16,6 +16,7 @@ from diffusionlab.diffusion.guidance import check_guidance_interval
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
+from diffusionlab.networks.dinov2 import dinov2_file
 from diffusionlab.sampling.checkpoint import dataset_config, pick_device
 
 BPD_METHODS = ("ode", "vlb")
@@ -213,6 +214,9 @@ def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
         number(cfg, "eval.recognition_threshold", above=0.0)
     if e.split not in SPLITS:
         raise ConfigError(f"eval.split={e.split!r} must be all, train or test")
+    dinov2_weights = e.get("dinov2_weights")
+    if "fd_dinov2" in metrics:  # a missing file stops here, before any sampling
+        dinov2_weights = str(dinov2_file(dinov2_weights, "eval.dinov2_weights"))
     return ScoreSettings(
         num_samples=int(e.num_samples),
         repeats=int(e.repeats),
@@ -226,5 +230,5 @@ def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
         inception_weights=e.inception_weights,
         cache_dir=str(e.cache_dir),
         extractor_steps=int(e.extractor_steps),
-        dinov2_weights=e.get("dinov2_weights"),
+        dinov2_weights=dinov2_weights,
     )

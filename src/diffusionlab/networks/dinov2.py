@@ -195,20 +195,29 @@ class DINOv2(nn.Module):
         return f"dinov2-vit-{SIZES[self.dim][0]}-{self.patch}{reg}"
 
 
+EXAMPLE = "dinov2_vitl14_pretrain.pth"
+FETCH = f"download {weights_url(EXAMPLE)} (or the vits14 / vitb14 / vitg14 file)"
+
+
+def dinov2_file(path: str | Path | None, key: str) -> Path:
+    """The DINOv2 weights file ``path`` of the setting ``key``; one :class:`ConfigError` naming
+    both when it is not set or not there (apps call this before any long work)."""
+    if path is None or str(path) in ("", "None"):
+        raise ConfigError(f"{key} is not set: {FETCH} and pass {key}=/path/to/{EXAMPLE}")
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"{key}={str(path)!r}: DINOv2 weights file not found; {FETCH} on a machine with "
+            f"internet and put it at {path}"
+        )
+    return path
+
+
 def load_dinov2(path: str | Path | None, key: str) -> DINOv2:
     """A frozen eval-mode DINOv2 from an official weights file (``.pth`` as torch.hub caches it,
     or ``.safetensors`` with the same keys). ``key`` names the config setting in the one
     :class:`ConfigError` raised when the file is not set, missing or unreadable."""
-    example = "dinov2_vitl14_pretrain.pth"
-    fetch = f"download {weights_url(example)} (or the vits14 / vitb14 / vitg14 file)"
-    if path is None or str(path) in ("", "None"):
-        raise ConfigError(f"{key} is not set: {fetch} and pass {key}=/path/to/{example}")
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"{key}={str(path)!r}: DINOv2 weights file not found; {fetch} on a machine with "
-            f"internet and put it at {path}"
-        )
+    path = dinov2_file(path, key)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -220,6 +229,6 @@ def load_dinov2(path: str | Path | None, key: str) -> DINOv2:
     except Exception as e:
         raise ConfigError(
             f"{key}={str(path)!r} is not a DINOv2 weights file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); {fetch}"
+            f"{str(e).splitlines()[0] if str(e) else ''}); {FETCH}"
         ) from None
     return model.requires_grad_(False).eval()
