@@ -44,6 +44,7 @@ def run(arm: str, seed: int, args: argparse.Namespace, out: Path) -> tuple[dict[
         f"sampler.nfe={args.nfe}",
         f"paths.cache_dir={out / 'cache'}",
         f"hydra.run.dir={run_dir}",
+        *args.overrides,
         *(["repa=domain", *args.extra] if arm == "repa" else []),
     ]
     start = time.time()
@@ -91,6 +92,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--nfe", type=int, default=35)
+    p.add_argument("--overrides", nargs="*", default=[], help="more overrides of every run")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides of the REPA runs")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run")

@@ -242,3 +242,63 @@ def test_sample_app_guidance_interval(tiny_ckpts, tmp_path, monkeypatch):
         out[name] = np.load(folder / "samples.npz")["samples"].astype(int)
     assert seen == [None, (100.0, 200.0), (0.28, 5.42)]
     assert np.array_equal(out["above"], out["plain"])
+
+
+def test_evaluate_guidance_sweep_with_repeats_and_protocol(tiny_ckpts, tmp_path):
+    """evaluate.py sweep.guidance x sweep.guidance_intervals with eval.repeats=2: one row per
+    point with FID (min / mean / std / max over the blocks), class accuracy and its protocol;
+    weight 1 is the same images with or without an interval; metrics.json's protocol reads
+    back."""
+    import csv
+    import json
+
+    from diffusionlab.cli.evaluate import evaluate
+    from diffusionlab.evaluation.protocol import Protocol
+
+    ckpt = tiny_ckpts["cond"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            [
+                f"ckpt={ckpt}",
+                "dataset=digits",
+                "eval.recognition=true",
+                "eval.metrics=[fid]",
+                "eval.num_samples=30",
+                "eval.repeats=2",
+                "eval.extractor_steps=30",
+                f"eval.cache_dir={tmp_path / 'cache'}",
+                "sampler=euler",
+                "sampler.nfe=3",
+                "sweep.guidance=[1,3]",
+                "sweep.guidance_intervals=[null,[0.5,5]]",
+                "wandb.mode=disabled",
+                f"paths.output_dir={tmp_path / 'out'}",
+            ],
+        )
+    result = evaluate(cfg)
+    rows = result["guidance_sweep"]
+    assert [(r["guidance"], r["guidance_interval"]) for r in rows] == [
+        (1.0, "all"),
+        (1.0, "0.5,5"),
+        (3.0, "all"),
+        (3.0, "0.5,5"),
+    ]
+    for r in rows:
+        assert r["fid_min"] <= r["fid_mean"] <= r["fid_max"] and r["fid_std"] >= 0
+        assert 0 <= r["class_accuracy"] <= 1
+        p = Protocol.from_row(r)
+        assert p.guidance == r["guidance"] and p.repeats == 2 and p.seeds == "0-29,30-59"
+        assert p.sampler == "euler" and p.nfe == 3 and p.class_sampling.startswith("uniform")
+    assert rows[0]["fid"] == rows[1]["fid"]  # w = 1: the interval changes nothing
+    assert Protocol.from_row(rows[3]).guidance_interval == "0.5,5"
+    out = tmp_path / "out"
+    assert (out / "fid_vs_guidance.png").is_file() and (out / "guidance_sweep.md").is_file()
+    with open(out / "guidance_sweep.csv") as f:
+        assert [Protocol.from_row(r) for r in csv.DictReader(f)] == [
+            Protocol.from_row(r) for r in rows
+        ]
+    saved = json.loads((out / "metrics.json").read_text())
+    record = Protocol.from_dict(saved["protocol"])
+    assert record.ckpt == ckpt and record.num_samples == 30 and record.guidance == 1.0
+    assert "fid_std" in saved["metrics"]
