@@ -24,6 +24,7 @@ TRAIN = [
     "dataset=digits",
     "data.batch_size=16",
     "trainer.max_steps=3",
+    "trainer.log_every_n_steps=1",
     "trainer.enable_model_summary=false",
     "logger=csv",
     "~callbacks.rich_progress_bar",
@@ -74,7 +75,7 @@ def test_every_repa_doc_command_runs(tmp_path):
             extra = [
                 "--steps 2 --every 1 --seeds 0 --num-samples 20 --nfe 3 --jobs 1 --threads 1",
                 f"--out {tmp_path / 'bench'}",
-                "--overrides dataset=digits data.batch_size=16 callbacks.fid.extractor_steps=30",
+                "--overrides dataset=digits data.batch_size=16 trainer.log_every_n_steps=1 callbacks.fid.extractor_steps=30",
             ]
             _run(line, extra, tmp_path)
             result = json.loads((tmp_path / "bench" / "repa.json").read_text())
