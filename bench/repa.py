@@ -104,11 +104,12 @@ def main() -> None:
     curves: dict[str, list[dict[int, float]]] = {"baseline": [], "repa": []}
     cpu: dict[str, list[float]] = {"baseline": [], "repa": []}
     jobs = [(arm, seed) for seed in args.seeds for arm in curves]
-    # the first run trains the domain classifier (FID extractor and REPA encoder alike) alone, so
-    # every run reads the same file from the shared cache
-    done = [run(*jobs[0], args, args.out)]
+    # without a cached domain classifier (FID extractor and REPA encoder alike) the first run
+    # trains it alone, so every run reads the same file from the shared cache
+    first = [] if (args.out / "cache" / "extractors").is_dir() else jobs[:1]
+    done = [run(*job, args, args.out) for job in first]
     with ThreadPoolExecutor(args.jobs) as pool:
-        done += list(pool.map(lambda job: run(*job, args, args.out), jobs[1:]))
+        done += list(pool.map(lambda job: run(*job, args, args.out), jobs[len(first) :]))
     for (arm, _), (fids, seconds) in zip(jobs, done, strict=True):
         curves[arm].append(fids)
         cpu[arm].append(seconds)
