@@ -13,6 +13,7 @@ from app.wandb_log import offline_runs
 from diffusionlab.cli.evaluate import evaluate
 from diffusionlab.cli.sample import sample
 from diffusionlab.config import CONF_DIR
+from diffusionlab.evaluation.protocol import Protocol
 
 from .helpers import fast_overrides, run_app
 
@@ -137,6 +138,11 @@ def test_evaluate_and_sample_runs_join_the_training_run(grid, tmp_path, monkeypa
     # the sweep's (euler, 3) point is the main evaluation: same sampler, same seeds
     assert rows[1]["fid"] == run.summary["eval/fid"] == result["metrics"]["fid"]
     assert run.charts["eval/fid_vs_nfe"] == {"x": "nfe", "y": "fid", "stroke": "sampler"}
+    # every row carries its protocol; the metrics table is the main result with its record
+    assert [r["protocol.nfe"] for r in rows] == [2, 3, 2, 3]
+    (table,) = run.table("eval/metrics_table")
+    assert table["fid"] == result["metrics"]["fid"]
+    assert Protocol.from_row(table) == Protocol.from_dict(result["protocol"])
 
     (run,) = offline_runs(out)
     assert run.job_type == "sample" and run.group == grid.name

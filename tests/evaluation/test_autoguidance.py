@@ -22,7 +22,7 @@ from diffusionlab.sampling.spec import SamplerSpec
 from .conftest import RESOLUTION, ClassGaussians
 
 
-def _generator(denoise, guide=None, guidance=1.0) -> DiffusionGenerator:
+def _generator(denoise, guide=None, guidance=1.0, interval=None) -> DiffusionGenerator:
     return DiffusionGenerator(
         denoise,
         get_schedule("edm"),
@@ -31,6 +31,7 @@ def _generator(denoise, guide=None, guidance=1.0) -> DiffusionGenerator:
         spec=SamplerSpec(name="heun", nfe=5),
         guidance=guidance,
         guide=guide,
+        guidance_interval=interval,
     )
 
 
@@ -123,6 +124,7 @@ def test_class_grid_has_one_row_per_class(tiny_ckpts, tmp_path):
         # an unconditional guide of a conditional model is EDM2's guidance; the reverse is refused
         ("uncond", ["guide_ckpt=cond"], "has label_dim=10 but ckpt has 0"),
         ("uncond", ["guidance=2"], "or a guide_ckpt"),
+        ("cond", ["guidance=2", "guidance_interval=[5,1]"], "guidance_interval=.*sigma_lo <"),
     ],
 )
 def test_sample_refuses_bad_grids_and_guides(tiny_ckpts, tmp_path, ckpt, overrides, message):
@@ -199,3 +201,108 @@ def test_evaluate_recognition_with_a_guide(tiny_ckpts, tmp_path):
     }
     for key, value in plain["metrics"].items():
         assert guided["metrics"][key] == pytest.approx(value, abs=0.03), key
+
+
+def test_guidance_interval_in_the_generator(class_gaussians, mnist):
+    """CFG and autoguidance through DiffusionGenerator: an interval holding every sigma of the
+    grid is full guidance, one above sigma_max the unguided model, a middle one neither."""
+    guide = ClassGaussians(mnist.images, mnist.labels, 10, diagonal=True)
+    labels = torch.arange(6)
+    noise = torch.randn(6, 1, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(2))
+    plain = _generator(class_gaussians).sample_images(noise, labels)
+    for g in (None, guide):  # CFG (the empty label), autoguidance
+        full = _generator(class_gaussians, g, 3.0).sample_images(noise, labels)
+        assert (full - plain).abs().max() > 0.05
+        every = _generator(class_gaussians, g, 3.0, [0, float("inf")])
+        torch.testing.assert_close(every.sample_images(noise, labels), full)
+        none = _generator(class_gaussians, g, 3.0, [100, 200])
+        torch.testing.assert_close(none.sample_images(noise, labels), plain)
+        middle = _generator(class_gaussians, g, 3.0, [0.5, 5]).sample_images(noise, labels)
+        assert (middle - full).abs().max() > 1e-3 and (middle - plain).abs().max() > 1e-3
+
+
+def test_sample_app_guidance_interval(tiny_ckpts, tmp_path, monkeypatch):
+    """sample.py guidance_interval=... reaches the generator's denoiser: above sigma_max the
+    images are the unguided ones (a 3-step model hardly reads its labels, so the guided
+    denoiser is checked on the generator itself)."""
+    ckpt = tiny_ckpts["cond"]
+    base = [f"ckpt={ckpt}", "n=4", "npz=true", "sampler=heun", "sampler.nfe=5"]
+    seen = []
+    from_module = DiffusionGenerator.from_module.__func__
+
+    def spy(cls, *args, **kwargs):
+        gen = from_module(cls, *args, **kwargs)
+        seen.append(gen.guidance_interval)
+        return gen
+
+    monkeypatch.setattr(DiffusionGenerator, "from_module", classmethod(spy))
+    out = {}
+    for name, extra in (
+        ("plain", []),
+        ("above", ["guidance=4", "guidance_interval=[100,200]"]),
+        ("middle", ["guidance=4", "guidance_interval=[0.28,5.42]"]),
+    ):
+        folder = sample(_sample_cfg(tmp_path / name, [*base, *extra]))
+        out[name] = np.load(folder / "samples.npz")["samples"].astype(int)
+    assert seen == [None, (100.0, 200.0), (0.28, 5.42)]
+    assert np.array_equal(out["above"], out["plain"])
+
+
+def test_evaluate_guidance_sweep_with_repeats_and_protocol(tiny_ckpts, tmp_path):
+    """evaluate.py guidance_sweep.weights x guidance_sweep.intervals with eval.repeats=2: one row per
+    point with FID (min / mean / std / max over the blocks), class accuracy and its protocol;
+    weight 1 is the same images with or without an interval; metrics.json's protocol reads
+    back."""
+    import csv
+    import json
+
+    from diffusionlab.cli.evaluate import evaluate
+    from diffusionlab.evaluation.protocol import Protocol
+
+    ckpt = tiny_ckpts["cond"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "evaluate",
+            [
+                f"ckpt={ckpt}",
+                "dataset=digits",
+                "eval.recognition=true",
+                "eval.metrics=[fid]",
+                "eval.num_samples=30",
+                "eval.repeats=2",
+                "eval.extractor_steps=30",
+                f"eval.cache_dir={tmp_path / 'cache'}",
+                "sampler=euler",
+                "sampler.nfe=3",
+                "guidance_sweep.weights=[1,3]",
+                "guidance_sweep.intervals=[null,[0.5,5]]",
+                "wandb.mode=disabled",
+                f"paths.output_dir={tmp_path / 'out'}",
+            ],
+        )
+    result = evaluate(cfg)
+    rows = result["guidance_sweep"]
+    assert [(r["guidance"], r["guidance_interval"]) for r in rows] == [
+        (1.0, "all"),
+        (1.0, "0.5,5"),
+        (3.0, "all"),
+        (3.0, "0.5,5"),
+    ]
+    for r in rows:
+        assert r["fid_min"] <= r["fid_mean"] <= r["fid_max"] and r["fid_std"] >= 0
+        assert 0 <= r["class_accuracy"] <= 1
+        p = Protocol.from_row(r)
+        assert p.guidance == r["guidance"] and p.repeats == 2 and p.seeds == "0-29,30-59"
+        assert p.sampler == "euler" and p.nfe == 3 and p.class_sampling.startswith("uniform")
+    assert rows[0]["fid"] == rows[1]["fid"]  # w = 1: the interval changes nothing
+    assert Protocol.from_row(rows[3]).guidance_interval == "0.5,5"
+    out = tmp_path / "out"
+    assert (out / "fid_vs_guidance.png").is_file() and (out / "guidance_sweep.md").is_file()
+    with open(out / "guidance_sweep.csv") as f:
+        assert [Protocol.from_row(r) for r in csv.DictReader(f)] == [
+            Protocol.from_row(r) for r in rows
+        ]
+    saved = json.loads((out / "metrics.json").read_text())
+    record = Protocol.from_dict(saved["protocol"])
+    assert record.ckpt == ckpt and record.num_samples == 30 and record.guidance == 1.0
+    assert "fid_std" in saved["metrics"]

@@ -25,9 +25,10 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.distributed import is_main, start_processes, stop_processes, together
 from diffusionlab.evaluation.plan import EvaluationPlan
 from diffusionlab.evaluation.procedures import load, run_evaluation
+from diffusionlab.evaluation.protocol import Protocol
 from diffusionlab.stopping import Stopped, requeue_slurm_job, stop_signals
 from diffusionlab.tracking.loggers import finish_wandb_run
-from diffusionlab.tracking.wandb_runs import log_curve, start_wandb_run
+from diffusionlab.tracking.wandb_runs import log_curve, log_table, start_wandb_run
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -69,6 +70,9 @@ def _evaluate(cfg: DictConfig) -> dict:
             run.log(
                 {f"eval/{k}": v for k, v in {**result["metrics"], **result.get("bpd", {})}.items()}
             )
+            if "protocol" in result:  # the metrics with the protocol they were measured under
+                row = {**Protocol.from_dict(result["protocol"]).row(), **result["metrics"]}
+                log_table(run, "eval/metrics_table", [row])
     return result
 
 

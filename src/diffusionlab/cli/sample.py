@@ -23,6 +23,7 @@ from diffusionlab.cli.common import (
     user_errors_exit,
 )
 from diffusionlab.config import CONF_DIR
+from diffusionlab.diffusion.guidance import check_guidance_interval
 from diffusionlab.distributed import (
     is_main,
     rank_and_world,
@@ -72,13 +73,16 @@ def _sample(cfg: DictConfig) -> Path:
         seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
         bs = number(cfg, "batch_size", int, at_least=1)
         guidance = number(cfg, "guidance")
+        interval = check_guidance_interval(_plain(cfg.get("guidance_interval")))
         sampler_numbers(cfg)
         device = pick_device(cfg.device)
         module = load_module(cfg.ckpt, device)
         spec = SamplerSpec.from_config(checkpoint_sampler(module, cfg.sampler), ckpt=cfg.ckpt)
         spec.check(module.schedule)
         guide = load_guide(cfg.guide_ckpt, module)
-        generator = DiffusionGenerator.from_module(module, spec, guidance, bool(cfg.use_ema), guide)
+        generator = DiffusionGenerator.from_module(
+            module, spec, guidance, bool(cfg.use_ema), guide, interval
+        )
         class_label = number(cfg, "class_label", int, optional=True)
         if class_label is not None and not 0 <= class_label < module.label_dim:
             raise ConfigError(
@@ -86,7 +90,9 @@ def _sample(cfg: DictConfig) -> Path:
             )
         grid_labels = class_grid_labels(cfg, len(seeds), module.label_dim)
         images = len(module.data_shape) == 3
-        folder = SampleFolder(cfg.outdir, _record(cfg, spec, guidance, class_label, len(seeds)))
+        folder = SampleFolder(
+            cfg.outdir, _record(cfg, spec, guidance, interval, class_label, len(seeds))
+        )
         run = None
         if is_main():
             resumed = folder.check_record()
@@ -122,7 +128,12 @@ def _sample(cfg: DictConfig) -> Path:
 
 
 def _record(
-    cfg: DictConfig, spec: SamplerSpec, guidance: float, class_label: int | None, n: int
+    cfg: DictConfig,
+    spec: SamplerSpec,
+    guidance: float,
+    interval: tuple[float, float] | None,
+    class_label: int | None,
+    n: int,
 ) -> dict:
     """Every setting an image depends on besides its seed (``sampling.json``)."""
     return {
@@ -131,6 +142,7 @@ def _record(
         "use_ema": bool(cfg.use_ema),
         "sampler": spec.to_dict(),
         "guidance": float(guidance),
+        "guidance_interval": list(interval) if interval else None,
         "class_label": class_label,
         # a class grid gives seed i the class of its row, which depends on the number of seeds
         "class_grid": n if cfg.class_grid else None,
@@ -206,7 +218,15 @@ def sample_run_grid(cfg: DictConfig) -> Path:
     )
     with finish_wandb_run():
         run = start_wandb_run(cfg, [str(grid.ckpt)])
-        x = draw_grid(module, record.seeds, record.labels, spec, guide, grid.guidance)
+        x = draw_grid(
+            module,
+            record.seeds,
+            record.labels,
+            spec,
+            guide,
+            grid.guidance,
+            record.guidance_interval,
+        )
         outdir = Path(cfg.outdir)
         path = save_samples_png(x.cpu(), outdir / "grid.png")
         if path.read_bytes() == grid.image.read_bytes():

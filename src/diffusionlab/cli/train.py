@@ -19,6 +19,7 @@ from omegaconf.errors import InterpolationResolutionError
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
 from diffusionlab.cli.objective import optimized_value
+from diffusionlab.cli.repa import repa_config
 from diffusionlab.cli.vocabulary import migrate_config
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
@@ -105,6 +106,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         )
     # the grid callbacks' default and what sampling from the checkpoint uses unless told otherwise
     spec = SamplerSpec.from_config(_container(cfg.sampler)) if cfg.sampler else SamplerSpec()
+    repa = repa_config(cfg, dataset)  # REPA (repa=...): encoder resolved; None = off
     module = DiffusionModule(
         model=_container(cfg.model),
         schedule=_container(cfg.schedule),
@@ -119,7 +121,11 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         lr_schedule=_container(cfg.get("lr_schedule")),
         augment=_container(cfg.get("augment")),
         latent=getattr(dataset, "latent", None),
+        repa=None if repa is None else repa[0],
     )
+    if repa is not None:  # the encoder built above, and each sample's view for its targets
+        module.repa.use_encoder(repa[1])
+        datamodule.views = True
     module.lr_schedule()  # a bad lr_schedule.* value stops here, not at the first step
     check_augment(module.augment_pipe, int(cfg.model.get("augment_dim", 0)), dataset.shape)
     if module.decoder is not None:

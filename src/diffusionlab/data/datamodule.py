@@ -93,17 +93,20 @@ class _Stored(Dataset):
 class Collate:
     """``[(x, label, seed), ...] -> (x, labels, seeds)``; a dataset's ``prepare_batch(x, seeds)``
     (per-sample draws from each sample's seed, e.g. a latent from its posterior) runs here, in
-    the worker."""
+    the worker. Items with a fourth entry (the view, ``PositionedDataset(views=True)``) add a
+    fourth tensor ``views``."""
 
     def __init__(self, prepare: Callable | None = None) -> None:
         self.prepare = prepare
 
-    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: list) -> tuple[torch.Tensor, ...]:
         x = torch.stack([b[0] for b in batch])
         y = torch.tensor([b[1] for b in batch], dtype=torch.long)
         seeds = torch.tensor([b[2] for b in batch], dtype=torch.long)
         if self.prepare is not None:
             x = self.prepare(x, seeds)
+        if len(batch[0]) > 3:
+            return x, y, seeds, torch.tensor([b[3] for b in batch], dtype=torch.long)
         return x, y, seeds
 
 
@@ -134,6 +137,9 @@ class DiffusionDataModule(L.LightningDataModule):
         self.hflip = hflip
         self.batch_per_device = batch_per_device
         self.seed = seed
+        # batches carry each sample's view (2 * index + flipped) as a fourth tensor; the training
+        # app sets it for per-image feature caches (repa=..., training/repa.py)
+        self.views = False
         # data position: global sample ``_start_position`` begins optimizer step ``_start_step``
         self._start_position = 0
         self._start_step = 0
@@ -205,7 +211,7 @@ class DiffusionDataModule(L.LightningDataModule):
         # (ddp_spawn), whose default would start each worker as a new interpreter
         fork = settings.num_workers and "fork" in multiprocessing.get_all_start_methods()
         return DataLoader(
-            PositionedDataset(data, self.seed, self.hflip),
+            PositionedDataset(data, self.seed, self.hflip, self.views),
             batch_sampler=self.sampler(world, rank, step),
             num_workers=settings.num_workers,
             collate_fn=Collate(getattr(self.dataset, "prepare_batch", None)),

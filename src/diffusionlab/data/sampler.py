@@ -111,19 +111,28 @@ class StepSampler:
 
 class PositionedDataset(Dataset):
     """Reads ``(index, position)`` keys: returns ``(x, label, noise seed)``; flips images
-    horizontally with probability 1/2 from the sample's own seed when ``hflip``."""
+    horizontally with probability 1/2 from the sample's own seed when ``hflip``. With ``views``
+    a fourth item names the un-augmented view the sample is, ``2 * index + flipped`` (per-image
+    caches of frozen-encoder features, training/repa.py)."""
 
-    def __init__(self, dataset: Dataset, seed: int, hflip: bool = False) -> None:
+    def __init__(
+        self, dataset: Dataset, seed: int, hflip: bool = False, views: bool = False
+    ) -> None:
         self.dataset = dataset
         self.seed = seed
         self.hflip = hflip
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, position = key
         x, label = self.dataset[index]
-        if self.hflip and x.ndim == 3 and sample_seed(self.seed, position, FLIP_STREAM) & 1:
+        flip = (
+            self.hflip and x.ndim == 3 and bool(sample_seed(self.seed, position, FLIP_STREAM) & 1)
+        )
+        if flip:
             x = x.flip(-1)
-        return x, label, sample_seed(self.seed, position, NOISE_STREAM)
+        seed = sample_seed(self.seed, position, NOISE_STREAM)
+        return (x, label, seed, 2 * index + flip) if self.views else (x, label, seed)

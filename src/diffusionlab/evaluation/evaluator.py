@@ -16,17 +16,21 @@ from diffusionlab.data import TensorImageDataset
 from diffusionlab.distributed import is_main, together
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.extractors import (
+    DINOV2_LAYER,
     INCEPTION,
+    CombinedExtractor,
     create_extractor,
     default_layers,
+    dinov2_name,
     domain_name,
     domain_weights_path,
 )
 from diffusionlab.evaluation.features import FeatureCache, Features, image_features
-from diffusionlab.evaluation.metrics import METRICS, compute_metrics
+from diffusionlab.evaluation.metrics import DEFAULT_METRICS, METRICS, compute_metrics
 from diffusionlab.evaluation.protocol import evaluate_generator
-from diffusionlab.evaluation.reference import reference_features
+from diffusionlab.evaluation.reference import reference_features, reference_path
 from diffusionlab.evaluation.train_extractor import train_and_save
+from diffusionlab.files import file_sha256
 from diffusionlab.sampling.generator import DiffusionGenerator
 from diffusionlab.sampling.writer import file_identity
 
@@ -73,7 +77,9 @@ def domain_extractor(
 class Evaluator:
     """Metrics against ``split`` of ``data`` (named ``dataset``) with the ``extractor`` (``domain``:
     the classifier trained on this dataset, trained on first use; ``inception``: InceptionV3 from
-    ``inception_weights``). Reference features are cached under ``cache_dir``."""
+    ``inception_weights``); ``fd_dinov2`` with DINOv2 from ``dinov2_weights``, in the same pass
+    over the samples. Reference features are cached under ``cache_dir``, one file per
+    extractor."""
 
     def __init__(
         self,
@@ -83,9 +89,10 @@ class Evaluator:
         extractor: str = "domain",
         split: str = "all",
         inception_weights: str | None = None,
-        metrics: Sequence[str] = METRICS,
+        metrics: Sequence[str] = DEFAULT_METRICS,
         extractor_steps: int = 300,
         device: torch.device | str = "cpu",
+        dinov2_weights: str | None = None,
     ) -> None:
         if extractor not in EXTRACTORS:
             raise ConfigError(f"eval.extractor={extractor!r}: choose one of {EXTRACTORS}")
@@ -98,13 +105,21 @@ class Evaluator:
         self.device = torch.device(device)
         if extractor == "inception":
             self.extractor = create_extractor(INCEPTION, inception_weights, self.device)
+            self.extractor_weights: str | None = str(inception_weights)
         else:
             self.extractor = self._domain_extractor(extractor_steps)
+            resolution = int(data.images.shape[-1])
+            self.extractor_weights = str(domain_weights_path(cache_dir, dataset, resolution))
         self.layers = default_layers(self.extractor.get_name())
-        self.extractor_weights = (
-            inception_weights
-            if extractor == "inception"
-            else domain_weights_path(self.cache_dir, dataset, int(data.images.shape[-1]))
+        # every extractor the metrics need; samples go through all of them in one pass
+        self.extractors = [self.extractor]
+        self.dinov2_weights = dinov2_weights
+        if "fd_dinov2" in self.metrics:
+            name = dinov2_name(dinov2_weights)
+            self.extractors.append(create_extractor(name, dinov2_weights, self.device))
+            self.layers["fd_dinov2"] = DINOV2_LAYER
+        self.features_extractor = (
+            CombinedExtractor(self.extractors) if len(self.extractors) > 1 else self.extractor
         )
         self._reference: Features | None = None
 
@@ -113,12 +128,38 @@ class Evaluator:
 
     @property
     def reference(self) -> Features:
-        """Reference features (cached on disk and in memory)."""
+        """Reference features of every extractor (cached on disk and in memory)."""
         if self._reference is None:
-            self._reference = reference_features(
-                self.data, self.dataset, self.split, self.extractor, self.cache_dir
-            )
+            merged: Features = {}
+            for ext in self.extractors:
+                merged.update(
+                    reference_features(self.data, self.dataset, self.split, ext, self.cache_dir)
+                )
+            self._reference = merged
         return self._reference
+
+    def reference_files(self) -> list[Path]:
+        """The cached reference feature files behind :attr:`reference` (one per extractor)."""
+        resolution = int(self.data.images.shape[-1])
+        return [
+            reference_path(self.cache_dir, self.dataset, self.split, resolution, e.get_name())
+            for e in self.extractors
+        ]
+
+    def record(self) -> dict[str, str]:
+        """What a metric depends on besides the samples: the reference statistics (files and
+        SHA-256) and the extractors (names, weight files and SHA-256), for the protocol."""
+        if self.metrics:
+            _ = self.reference  # the files exist once the features do
+        refs = self.reference_files()
+        weights = [self.extractor_weights] + ([self.dinov2_weights] if len(refs) > 1 else [])
+        return {
+            "reference": ";".join(str(p) for p in refs),
+            "reference_sha256": ";".join(_digest(p) for p in refs),
+            "extractor": ";".join(e.get_name() for e in self.extractors),
+            "extractor_weights": ";".join(str(w) for w in weights),
+            "extractor_sha256": ";".join(_digest(w) for w in weights),
+        }
 
     def score_generator(
         self,
@@ -133,7 +174,7 @@ class Evaluator:
         samples' features kept in ``cache`` (see :meth:`feature_cache`) are not made again."""
         return evaluate_generator(
             generator,
-            self.extractor,
+            self.features_extractor,
             self.reference,
             self.layers,
             ranges,
@@ -147,13 +188,35 @@ class Evaluator:
     def feature_cache(self, root: str | Path, generation: dict) -> FeatureCache:
         """Where the features of the samples of ``generation`` (every setting a sample depends on
         besides its seed) by this extractor are kept under ``root``."""
-        extractor = {
-            "name": self.extractor.get_name(),
-            "weights": file_identity(self.extractor_weights),
-        }
-        return FeatureCache(root, {**generation, "extractor": extractor})
+        extractors = [
+            {"name": self.extractor.get_name(), "weights": file_identity(self.extractor_weights)}
+        ]
+        if len(self.extractors) > 1:  # FD-DINOv2's features are kept beside the first's
+            extractors.append(
+                {
+                    "name": self.extractors[1].get_name(),
+                    "weights": file_identity(self.dinov2_weights),
+                }
+            )
+        return FeatureCache(root, {**generation, "extractors": extractors})
 
     def score_images(self, images: Tensor, batch_size: int = 250) -> dict[str, float]:
         """Metrics of uint8 RGB ``images`` [N, 3, H, W] (e.g. a folder of PNGs)."""
-        feats = image_features(lambda idx: images[idx], images.shape[0], self.extractor, batch_size)
+        feats = image_features(
+            lambda idx: images[idx], images.shape[0], self.features_extractor, batch_size
+        )
         return compute_metrics(feats, self.reference, self.layers, self.metrics)
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _digest(path: str | Path | None) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime); ``-`` when there is no file."""
+    if path is None or not Path(path).is_file():
+        return "-"
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_sha256(path)
+    return _DIGESTS[key]

@@ -1,5 +1,6 @@
-"""Feature extractors registered with torch-fidelity: InceptionV3 from a local file, and the
-domain classifier trained on an embedded dataset (fully offline FID / KID / precision-recall)."""
+"""Feature extractors registered with torch-fidelity: InceptionV3 from a local file, the domain
+classifier trained on an embedded dataset (fully offline FID / KID / precision-recall), and
+DINOv2 from a local file for FD-DINOv2 (Stein et al. 2023; reported by EDM2 beside FID)."""
 
 from __future__ import annotations
 
@@ -7,65 +8,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from diffusionlab.errors import ConfigError
+from diffusionlab.files import file_sha256
+from diffusionlab.networks.dinov2 import load_dinov2
+from diffusionlab.networks.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DomainClassifier,
+    adapt_images,
+)
 
 INCEPTION = "inception-v3-compat"
 DOMAIN_PREFIX = "dl-domain-"
 # v2: trained with outlier exposure (train_extractor.py), confident only on digits
 DOMAIN_VERSION = "v2"
-
-
-class DomainClassifier(nn.Module):
-    """A small CNN for grey digits: three conv stages, global pooling, a 128-d feature layer."""
-
-    def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dim: int = 128
-    ):
-        super().__init__()
-        self.config = {
-            "in_channels": in_channels,
-            "num_classes": num_classes,
-            "width": width,
-            "dim": dim,
-        }
-        w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
-            nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(2 * w, dim),
-            nn.SiLU(),
-        )
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` float NCHW in [-1, 1] -> (features [B, dim], logits [B, num_classes])."""
-        h = self.body(x)
-        return h, self.head(h)
+DINOV2_PREFIX = "dl-dinov2-"
+DINOV2_LAYER = "dinov2"
+# the preprocessing (EDM2's resize_mode='torch'), part of the cache name of reference features
+DINOV2_VERSION = "edm2"
 
 
 def uint8_to_unit(x: Tensor, channels: int, resolution: int) -> Tensor:
     """uint8 NCHW (1 or 3 channels) -> float in [-1, 1] with ``channels`` and ``resolution``."""
-    x = x.float() / 127.5 - 1.0
-    if x.shape[1] == 3 and channels == 1:
-        x = x.mean(1, keepdim=True)
-    elif x.shape[1] == 1 and channels == 3:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != resolution:
-        mode = "area" if x.shape[-1] > resolution else "bilinear"
-        x = F.interpolate(x, size=(resolution, resolution), mode=mode)
-    return x
+    return adapt_images(x.float() / 127.5 - 1.0, channels, resolution)
 
 
 class DomainFeatureExtractor(FeatureExtractorBase):
@@ -121,6 +93,71 @@ class DomainFeatureExtractor(FeatureExtractorBase):
         return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
 
+class DINOv2FeatureExtractor(FeatureExtractorDinoV2):
+    """FD-DINOv2's extractor as EDM2 defines it (``calculate_metrics.py`` DINOv2Detector, modeled
+    after dgm-eval, Stein et al. 2023): uint8 RGB resized to 224 px (bicubic, antialiased: EDM2's
+    ``resize_mode='torch'``), scaled to [0, 1], ImageNet-normalised, and the network's normalised
+    class token as the feature ``dinov2``. The network is read from
+    ``feature_extractor_weights_path``, an official DINOv2 file (networks/dinov2.py), instead of
+    fetched through torch.hub. torch-fidelity's own DINOv2 extractor resizes bilinearly (TF1
+    style) and gives other numbers; EDM2's tables are the ones users compare with."""
+
+    def __init__(
+        self, name: str, features_list: list[str], feature_extractor_weights_path=None, **kwargs
+    ):
+        FeatureExtractorBase.__init__(self, name, features_list)
+        self.feature_extractor_internal_dtype = torch.float32
+        self.model = load_dinov2(feature_extractor_weights_path, "eval.dinov2_weights")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [B, 3, H, W], got {x.dtype} {tuple(x.shape)}")
+        size = (self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE)
+        x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True)
+        x = (x / 255 - self.mean) / self.std
+        features = {"dinov2": self.model(x).float()}
+        return tuple(features[f] for f in self.features_list)
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+
+def dinov2_name(weights: str | Path) -> str:
+    """Registry name of the DINOv2 extractor of a weights file: its stem and content hash, so
+    reference features are cached per file
+    (``dl-dinov2-edm2-dinov2_vitl14_pretrain-1a2b3c4d``)."""
+    if weights is None or not Path(weights).expanduser().is_file():
+        load_dinov2(weights, "eval.dinov2_weights")  # the one message naming key and file
+    path = Path(weights).expanduser()
+    return f"{DINOV2_PREFIX}{DINOV2_VERSION}-{path.stem}-{file_sha256(path)[:8]}"
+
+
+class CombinedExtractor(FeatureExtractorBase):
+    """Several extractors run on the same images; the features of all of them (their layer names
+    must differ), e.g. the FID extractor's and DINOv2's for FD-DINOv2 in one sampling pass."""
+
+    def __init__(self, extractors: list[FeatureExtractorBase]) -> None:
+        names = [f for e in extractors for f in e.features_list]
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature names clash: {names}")
+        object.__setattr__(self, "_provided", tuple(names))  # read by the base's __init__
+        super().__init__("+".join(e.get_name() for e in extractors), names)
+        self.parts = torch.nn.ModuleList(extractors)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(f for e in self.parts for f in e(x))
+
+    def get_provided_features_list(self) -> tuple[str, ...]:
+        return self._provided
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+
 def domain_name(dataset: str, resolution: int) -> str:
     """Registry name of the domain extractor for ``dataset`` at ``resolution`` (``DOMAIN_VERSION``
     names the training recipe, so features cached by an older classifier are not reused)."""
@@ -143,14 +180,18 @@ def create_extractor(
 ) -> FeatureExtractorBase:
     """An eval-mode extractor computing every layer any metric needs.
 
-    ``name`` is ``inception-v3-compat`` (``weights`` = local InceptionV3 file) or a domain
-    extractor name from :func:`domain_name` (``weights`` = its cache file).
+    ``name`` is ``inception-v3-compat`` (``weights`` = local InceptionV3 file), a domain
+    extractor name from :func:`domain_name` (``weights`` = its cache file) or a DINOv2 name from
+    :func:`dinov2_name` (``weights`` = the DINOv2 file).
     """
     if name == INCEPTION:
         weights = _inception_weights(weights)
-    elif name.startswith(DOMAIN_PREFIX):
+    elif name.startswith(DOMAIN_PREFIX) or name.startswith(DINOV2_PREFIX):
         if name not in FEATURE_EXTRACTORS_REGISTRY:
-            register_feature_extractor(name, DomainFeatureExtractor)
+            kind = (
+                DomainFeatureExtractor if name.startswith(DOMAIN_PREFIX) else DINOv2FeatureExtractor
+            )
+            register_feature_extractor(name, kind)
     else:
         raise ConfigError(f"eval.extractor={name!r}: use 'inception' or 'domain'")
     layers = sorted(set(default_layers(name).values()))

@@ -1,5 +1,5 @@
-"""FID, IS, KID and precision/recall from feature dicts through torch-fidelity's own formulas,
-and a numpy-2 safe call of ``torch_fidelity.calculate_metrics``."""
+"""FID, IS, KID, precision/recall and FD-DINOv2 from feature dicts through torch-fidelity's own
+formulas, and a numpy-2 safe call of ``torch_fidelity.calculate_metrics``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 
 from diffusionlab.evaluation.features import Features
 
-METRICS = ("fid", "kid", "prc", "isc")
+METRICS = ("fid", "kid", "prc", "isc", "fd_dinov2")
+# what is computed unless asked otherwise (FD-DINOv2 needs a local DINOv2 file)
+DEFAULT_METRICS = ("fid", "kid", "prc", "isc")
 
 
 def statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -38,14 +40,15 @@ def compute_metrics(
     generated: Features,
     reference: Features,
     layers: dict[str, str],
-    metrics: Sequence[str] = METRICS,
+    metrics: Sequence[str] = DEFAULT_METRICS,
     kid_subset_size: int = 1000,
     seed: int = 2020,
 ) -> dict[str, float]:
     """Metrics of ``generated`` against ``reference`` features; ``layers`` maps metric -> layer.
 
     Keys: ``fid``, ``kid_mean``/``kid_std``, ``precision``/``recall``/``f_score``,
-    ``is_mean``/``is_std`` (IS needs no reference).
+    ``is_mean``/``is_std`` (IS needs no reference), ``fd_dinov2`` (the Frechet distance of
+    DINOv2 class-token features, Stein et al. 2023, layer ``layers["fd_dinov2"]``).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -54,6 +57,11 @@ def compute_metrics(
     if "fid" in metrics:
         out["fid"] = frechet_distance(
             *statistics(generated[layers["fid"]]), *statistics(reference[layers["fid"]])
+        )
+    if "fd_dinov2" in metrics:
+        out["fd_dinov2"] = frechet_distance(
+            *statistics(generated[layers["fd_dinov2"]]),
+            *statistics(reference[layers["fd_dinov2"]]),
         )
     if "kid" in metrics:
         g, r = generated[layers["kid"]], reference[layers["kid"]]

@@ -12,9 +12,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusionlab.checks import number, numbers, sampler_numbers
 from diffusionlab.data.datasets import SPLITS
+from diffusionlab.diffusion.guidance import check_guidance_interval
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.metrics import METRICS
 from diffusionlab.evaluation.protocol import seed_ranges
+from diffusionlab.networks.dinov2 import dinov2_file
 from diffusionlab.sampling.checkpoint import dataset_config, pick_device
 
 BPD_METHODS = ("ode", "vlb")
@@ -39,6 +41,7 @@ class ScoreSettings:
     inception_weights: str | None
     cache_dir: str
     extractor_steps: int
+    dinov2_weights: str | None = None
 
     @property
     def seed_ranges(self) -> list[range]:
@@ -69,17 +72,31 @@ class NFESweep:
 
 
 @dataclass(frozen=True)
+class GuidanceSweep:
+    """``guidance_sweep.weights`` x ``guidance_sweep.intervals``: every guidance weight with every
+    interval (None = guidance at every sigma); empty = no guidance sweep."""
+
+    weights: tuple[float, ...] = ()
+    intervals: tuple[tuple[float, float] | None, ...] = (None,)
+
+    @property
+    def points(self) -> list[tuple[float, tuple[float, float] | None]]:
+        return [(w, i) for w in self.weights for i in self.intervals]
+
+
+@dataclass(frozen=True)
 class EvaluationPlan:
     """One evaluation: the checkpoints (``ckpt``, one or several) or a folder of ``images``, the
     reference ``dataset``, the ``sampler`` config node (a spec per checkpoint, learned grids beside
-    it), guidance, the NFE sweep, the post-hoc EMA sweep (``ema_sigma_rels`` rebuilt from
-    ``ema_snapshots``), bits/dim, and where results go."""
+    it), guidance (and its sigma interval), the NFE and guidance sweeps, the post-hoc EMA sweep
+    (``ema_sigma_rels`` rebuilt from ``ema_snapshots``), bits/dim, and where results go."""
 
     ckpts: tuple[str, ...]
     images: str | None
     dataset: DictConfig
     sampler: dict[str, Any]
     guidance: float
+    guidance_interval: tuple[float, float] | None
     guide_ckpt: str | None
     use_ema: bool
     class_label: int | None
@@ -90,6 +107,7 @@ class EvaluationPlan:
     bpd: BitsPerDim
     device: torch.device
     output_dir: Path
+    guidance_sweep: GuidanceSweep = GuidanceSweep()
 
     @property
     def ema_sweep(self) -> bool:
@@ -122,6 +140,11 @@ class EvaluationPlan:
                 "nfe_sweep.samplers, bpd.num_images and guide_ckpt need a single ckpt (no list, no "
                 "ema_sweep)"
             )
+        guidance_sweep = _guidance_sweep(cfg)
+        if guidance_sweep.weights and (several or not ckpts):
+            raise ConfigError(
+                "guidance_sweep.weights needs a single ckpt (no list, no ema_sweep, no images)"
+            )
         score = _score_settings(cfg, several)
         guidance = float(number(cfg, "guidance"))
         sampler_numbers(cfg)
@@ -131,6 +154,11 @@ class EvaluationPlan:
             dataset=dataset_config(cfg.get("dataset"), ckpts[0] if ckpts else None, cfg.paths),
             sampler=OmegaConf.to_container(cfg.sampler, resolve=True),
             guidance=guidance,
+            guidance_interval=check_guidance_interval(
+                OmegaConf.to_container(cfg.guidance_interval)
+                if OmegaConf.is_config(cfg.get("guidance_interval"))
+                else cfg.get("guidance_interval")
+            ),
             guide_ckpt=str(cfg.guide_ckpt) if cfg.guide_ckpt else None,
             use_ema=bool(cfg.use_ema),
             class_label=cfg.class_label,
@@ -151,7 +179,23 @@ class EvaluationPlan:
             ),
             device=pick_device(cfg.device),
             output_dir=Path(cfg.paths.output_dir),
+            guidance_sweep=guidance_sweep,
         )
+
+
+def _guidance_sweep(cfg: DictConfig) -> GuidanceSweep:
+    """``guidance_sweep.weights`` (weights) x ``guidance_sweep.intervals`` (each ``[lo, hi]`` or null;
+    default: guidance at every sigma), checked."""
+    weights = cfg.guidance_sweep.get("weights") or []
+    if not weights:
+        return GuidanceSweep()
+    ws = tuple(float(number(OmegaConf.create({"w": w}), "w")) for w in weights)
+    raw = cfg.guidance_sweep.get("intervals")
+    raw = [None] if raw is None or len(raw) == 0 else OmegaConf.to_container(raw)
+    intervals = tuple(
+        check_guidance_interval(i, f"guidance_sweep.intervals[{k}]") for k, i in enumerate(raw)
+    )
+    return GuidanceSweep(ws, intervals)
 
 
 def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
@@ -174,6 +218,9 @@ def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
         number(cfg, "eval.recognition_threshold", above=0.0)
     if e.split not in SPLITS:
         raise ConfigError(f"eval.split={e.split!r} must be all, train or test")
+    dinov2_weights = e.get("dinov2_weights")
+    if "fd_dinov2" in metrics:  # a missing file stops here, before any sampling
+        dinov2_weights = str(dinov2_file(dinov2_weights, "eval.dinov2_weights"))
     return ScoreSettings(
         num_samples=int(e.num_samples),
         repeats=int(e.repeats),
@@ -187,4 +234,5 @@ def _score_settings(cfg: DictConfig, several: bool) -> ScoreSettings:
         inception_weights=e.inception_weights,
         cache_dir=str(e.cache_dir),
         extractor_steps=int(e.extractor_steps),
+        dinov2_weights=dinov2_weights,
     )

@@ -1,7 +1,8 @@
 """The evaluation procedures behind ``evaluate.py``, run from an :class:`EvaluationPlan`: metrics of
-one checkpoint (with an NFE sweep, recognition and bits/dim), of several checkpoints or post-hoc
-EMA lengths by EMA length, or of a folder of images. Results go to ``metrics.json`` and the sweep
-tables and plots beside it; the app sends them on to W&B."""
+one checkpoint (with NFE and guidance sweeps, recognition and bits/dim), of several checkpoints or
+post-hoc EMA lengths by EMA length, or of a folder of images. Results go to ``metrics.json``,
+``metrics.csv`` and the sweep tables and plots beside it, every row with its protocol
+(evaluation/protocol.py); the app sends them on to W&B."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from diffusionlab.evaluation.evaluator import (
 from diffusionlab.evaluation.features import FeatureCache
 from diffusionlab.evaluation.images import load_images
 from diffusionlab.evaluation.plan import EvaluationPlan
+from diffusionlab.evaluation.protocol import Protocol, interval_text, sampling_fields, seeds_text
 from diffusionlab.evaluation.recognition import generate_labelled, recognition_metrics
 from diffusionlab.evaluation.sweep_plots import plot_fid_curve
-from diffusionlab.evaluation.tables import write_sweep_table
+from diffusionlab.evaluation.tables import write_csv, write_sweep_table
 from diffusionlab.files import atomic_write_text
 from diffusionlab.sampling.checkpoint import load_guide, load_module
 from diffusionlab.sampling.generator import DiffusionGenerator
@@ -163,6 +165,7 @@ def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
             metrics=list(s.metrics),
             extractor_steps=s.extractor_steps,
             device=plan.device,
+            dinov2_weights=s.dinov2_weights,
         )
     outdir = plan.output_dir
     outdir.mkdir(parents=True, exist_ok=True)
@@ -176,17 +179,21 @@ def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
             floats = images[:, : data.images.shape[1]].float() / 127.5 - 1.0
             with together():
                 result["metrics"].update(recognition(plan, evaluator, data, floats, None))
+        protocol = protocol_of(plan, evaluator, num_samples=images.shape[0], ckpt=plan.images)
     elif plan.ema_sweep:
         rows, x = ema_sweep(plan, loaded.ckpts, evaluator)
         best = min(rows, key=lambda r: r.get("fid", math.inf))
         result.update(ckpt=best["ckpt"], num_samples=s.num_samples, ema_sweep=rows)
-        result["metrics"] = {k: v for k, v in best.items() if k not in ("ckpt", x)}
+        result["metrics"] = {
+            k: v for k, v in best.items() if k not in ("ckpt", x) and not k.startswith("protocol.")
+        }
+        protocol = Protocol.from_row(best)
         curves.append(Curve("ema_sweep", "fid_vs_ema", rows, x, None))
     else:
         module, spec = loaded.module, loaded.spec
         ranges = s.seed_ranges
         gen = DiffusionGenerator.from_module(
-            module, spec, plan.guidance, plan.use_ema, loaded.guide
+            module, spec, plan.guidance, plan.use_ema, loaded.guide, plan.guidance_interval
         )
         result.update(ckpt=loaded.ckpts[0], sampler=spec.to_dict(), num_samples=s.num_samples)
         if plan.guide_ckpt:
@@ -203,14 +210,31 @@ def run_evaluation(plan: EvaluationPlan, loaded: Loaded) -> Outcome:
             with together():
                 images, labels = generate_labelled(gen, ranges[0], s.batch_size, plan.class_label)
                 result["metrics"].update(recognition(plan, evaluator, data, images, labels))
+        protocol = protocol_of(plan, evaluator, module, spec, loaded.ckpts[0])
+        if plan.guidance_sweep.weights:
+            result["guidance_sweep"] = guidance_sweep(plan, loaded, evaluator, data, protocol)
+            curves.append(
+                Curve(
+                    "guidance_sweep",
+                    "fid_vs_guidance",
+                    result["guidance_sweep"],
+                    "guidance",
+                    "guidance_interval",
+                )
+            )
         if loaded.sweep:
-            result["sweep"] = nfe_sweep(plan, loaded, evaluator)
+            result["sweep"] = nfe_sweep(plan, loaded, evaluator, protocol)
             curves.append(Curve("nfe_sweep", "fid_vs_nfe", result["sweep"], "nfe", "sampler"))
         if plan.bpd.num_images:  # every process computes the same (not shared out)
             with together():
                 result["bpd"] = bits_per_dim(plan.bpd, module, data, s.split, plan.use_ema)
+    if s.metrics or s.recognition:
+        result["protocol"] = protocol.to_dict()
     with together():
         if is_main():
+            if "protocol" in result:
+                row = {**protocol.row(), **result["metrics"]}
+                write_csv(outdir / "metrics.csv", list(row), [row])
             atomic_write_text(outdir / "metrics.json", json.dumps(result, indent=2))
             shutil.rmtree(outdir / FEATURES, ignore_errors=True)  # done: nothing to resume
             log.info("metrics: %s -> %s", result["metrics"], outdir / "metrics.json")
@@ -233,6 +257,7 @@ def feature_cache(
         "use_ema": plan.use_ema,
         "sampler": spec.to_dict(),
         "guidance": plan.guidance,
+        "guidance_interval": list(plan.guidance_interval) if plan.guidance_interval else None,
         "class_label": plan.class_label,
     }
     return evaluator.feature_cache(plan.output_dir / FEATURES, generation)
@@ -258,7 +283,9 @@ def recognition(
     )
 
 
-def nfe_sweep(plan: EvaluationPlan, loaded: Loaded, evaluator: Evaluator) -> list[dict]:
+def nfe_sweep(
+    plan: EvaluationPlan, loaded: Loaded, evaluator: Evaluator, protocol: Protocol
+) -> list[dict]:
     """Metrics for every swept (sampler, grid, NFE) with the plan's seeds; writes nfe_sweep.csv,
     nfe_sweep.md and fid_vs_nfe.png (one line per sampler, or per sampler/grid when
     ``nfe_sweep.discretizations`` has several)."""
@@ -266,14 +293,15 @@ def nfe_sweep(plan: EvaluationPlan, loaded: Loaded, evaluator: Evaluator) -> lis
     several = len(plan.sweep.grids) > 1
     for spec in loaded.sweep:
         gen = DiffusionGenerator.from_module(
-            loaded.module, spec, plan.guidance, plan.use_ema, loaded.guide
+            loaded.module, spec, plan.guidance, plan.use_ema, loaded.guide, plan.guidance_interval
         )
         cache = feature_cache(plan, evaluator, loaded.ckpts[0], spec, plan.guide_ckpt)
         metrics = evaluator.score_generator(
             gen, plan.score.seed_ranges, plan.score.batch_size, plan.class_label, cache=cache
         )
         name = spec.name + (f"/{spec.discretization}" if several else "")
-        rows.append({"sampler": name, "nfe": spec.nfe, **metrics})
+        row_protocol = protocol.with_sampling(spec, plan.guidance, plan.guidance_interval)
+        rows.append({"sampler": name, "nfe": spec.nfe, **metrics, **row_protocol.row()})
         log.info("sweep %s nfe=%d: %s", name, spec.nfe, metrics)
     with together():
         if is_main():
@@ -309,7 +337,9 @@ def ema_sweep(
             if rows and key not in rows[0]:
                 raise ConfigError(f"ckpt={ckpt!r} has {key}; the other checkpoints do not")
             spec = SamplerSpec.from_config(plan.sampler, ckpt=ckpt)
-            gen = DiffusionGenerator.from_module(module, spec, plan.guidance, plan.use_ema)
+            gen = DiffusionGenerator.from_module(
+                module, spec, plan.guidance, plan.use_ema, None, plan.guidance_interval
+            )
         metrics = evaluator.score_generator(
             gen,
             plan.score.seed_ranges,
@@ -317,7 +347,8 @@ def ema_sweep(
             plan.class_label,
             cache=feature_cache(plan, evaluator, ckpt, spec),
         )
-        rows.append({"ckpt": ckpt, key: length, **metrics})
+        protocol = protocol_of(plan, evaluator, module, spec, ckpt)
+        rows.append({"ckpt": ckpt, key: length, **metrics, **protocol.row()})
         log.info("%s %s=%g: %s", ckpt, key, length, metrics)
     rows.sort(key=lambda r: r[key])
     with together():
@@ -325,3 +356,96 @@ def ema_sweep(
             write_sweep_table(rows, plan.output_dir / "ema_sweep")
             plot_fid_curve(rows, key, None, plan.output_dir / "fid_vs_ema.png")
     return rows, key
+
+
+def guidance_sweep(
+    plan: EvaluationPlan,
+    loaded: Loaded,
+    evaluator: Evaluator,
+    data: TensorImageDataset,
+    protocol: Protocol,
+) -> list[dict]:
+    """Metrics (and with ``eval.recognition`` the class accuracy) for every guidance weight x
+    interval of ``guidance_sweep.weights`` / ``guidance_sweep.intervals``, same seeds; writes
+    guidance_sweep.csv / .md and fid_vs_guidance.png (one line per interval)."""
+    rows = []
+    s = plan.score
+    for w, interval in plan.guidance_sweep.points:
+        gen = DiffusionGenerator.from_module(
+            loaded.module, loaded.spec, w, plan.use_ema, loaded.guide, interval
+        )
+        metrics = (
+            evaluator.score_generator(gen, s.seed_ranges, s.batch_size, plan.class_label)
+            if s.metrics
+            else {}
+        )
+        if s.recognition:
+            images, labels = generate_labelled(
+                gen, s.seed_ranges[0], s.batch_size, plan.class_label
+            )
+            metrics.update(recognition(plan, evaluator, data, images, labels))
+        label = interval_text(interval) or "all"
+        row_protocol = protocol.with_sampling(loaded.spec, w, interval)
+        rows.append({"guidance": w, "guidance_interval": label, **metrics, **row_protocol.row()})
+        log.info("guidance %g interval %s: %s", w, label, metrics)
+    with together():
+        if is_main():
+            write_sweep_table(rows, plan.output_dir / "guidance_sweep")
+            if "fid" in rows[0]:
+                plot_fid_curve(
+                    rows, "guidance", "guidance_interval", plan.output_dir / "fid_vs_guidance.png"
+                )
+    return rows
+
+
+def protocol_of(
+    plan: EvaluationPlan,
+    evaluator: Evaluator,
+    module: DiffusionModule | None = None,
+    spec: SamplerSpec | None = None,
+    ckpt: str = "",
+    num_samples: int | None = None,
+) -> Protocol:
+    """The protocol record of the plan's numbers for ``module`` sampled with ``spec`` (None: a
+    folder of images, ``num_samples`` of them)."""
+    s = plan.score
+    if module is None:
+        sampled: dict = {"ema": "", "class_sampling": "images folder"}
+    else:
+        sampled = sampling_fields(spec) | {
+            "guidance": plan.guidance,
+            "guidance_interval": interval_text(plan.guidance_interval),
+            "guide_ckpt": plan.guide_ckpt or "",
+            "ema": ema_text(module, plan.use_ema),
+            "class_sampling": class_sampling(module, plan.class_label, spec),
+        }
+    return Protocol(
+        dataset=evaluator.dataset,
+        split=s.split,
+        **evaluator.record(),
+        num_samples=s.num_samples if num_samples is None else int(num_samples),
+        repeats=s.repeats if module is not None else 1,
+        seeds=seeds_text(s.seed_ranges) if module is not None else "",
+        ckpt=str(ckpt),
+        **sampled,
+    )
+
+
+def ema_text(module: DiffusionModule, use_ema: bool) -> str:
+    """``ema_decay=0.999`` etc. for the sampled EMA, ``raw weights`` without it."""
+    if not use_ema:
+        return "raw weights"
+    try:
+        key, value = ema_length(module)
+    except (ConfigError, AttributeError, TypeError):
+        return "ema"
+    return f"{key}={value:g}"
+
+
+def class_sampling(module: DiffusionModule, class_label: int | None, spec: SamplerSpec) -> str:
+    """How each sample's class was chosen: none, one fixed class, or uniformly from its seed."""
+    if not module.label_dim:
+        return "unconditional"
+    if class_label is not None:
+        return f"fixed class {int(class_label)}"
+    return f"uniform per seed ({spec.noise} generator), {module.label_dim} classes"

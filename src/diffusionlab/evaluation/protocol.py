@@ -1,16 +1,21 @@
-"""The sampling protocol for reported numbers: N samples with one seed per sample index, optionally
-repeated over several seed ranges and summarised by min and mean (EDM reports the min of 3)."""
+"""The protocol of reported numbers: N samples with one seed per sample index, optionally repeated
+over disjoint seed blocks and summarised by min, mean, std and max (EDM reports the min of 3), and
+the record of everything a FID depends on (:class:`Protocol`), written beside every metric row so
+that two numbers can be compared (reference statistics, samples and seeds, sampler and NFE,
+guidance, EMA, class sampling, extractor)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.features import FeatureCache, Features, generated_features
-from diffusionlab.evaluation.metrics import METRICS, compute_metrics
+from diffusionlab.evaluation.metrics import DEFAULT_METRICS, compute_metrics
 from diffusionlab.sampling.generator import DiffusionGenerator
 
 SEED_FORMS = "seeds=0-63, seeds=5, seeds=[0,1,2], seeds=[0-9,20] or seeds=0-9,20"
@@ -59,17 +64,117 @@ def seed_ranges(num_samples: int, repeats: int = 1, first_seed: int = 0) -> list
     ]
 
 
+def seeds_text(ranges: Sequence[Sequence[int]]) -> str:
+    """Seed blocks as EDM writes them: ``0-1999`` or ``0-1999,2000-3999`` (one item per block;
+    a block that is not a run of consecutive seeds is listed seed by seed)."""
+    parts = []
+    for block in ranges:
+        block = list(block)
+        if block == list(range(block[0], block[0] + len(block))):
+            parts.append(f"{block[0]}-{block[-1]}" if len(block) > 1 else str(block[0]))
+        else:
+            parts.append(",".join(str(s) for s in block))
+    return ",".join(parts)
+
+
 def summarize(runs: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Per-metric values of several runs -> the first run's values plus ``<key>_min``/``_mean``
-    (and ``_max`` for metrics where larger is better) when there is more than one run."""
+    """Per-metric values of several runs (disjoint seed blocks) -> the first run's values plus
+    ``<key>_min``, ``_mean``, ``_std`` (sample standard deviation, ddof 1) and ``_max`` when
+    there is more than one run."""
     out = dict(runs[0])
     if len(runs) > 1:
         for key in runs[0]:
             values = np.array([r[key] for r in runs])
             out[f"{key}_min"] = float(values.min())
             out[f"{key}_mean"] = float(values.mean())
+            out[f"{key}_std"] = float(values.std(ddof=1))
             out[f"{key}_max"] = float(values.max())
     return out
+
+
+PREFIX = "protocol."
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything a metric depends on besides the model's weights: the reference statistics
+    (``dataset``, ``split``, ``reference`` files and their SHA-256), the ``extractor`` (registry
+    names, weight files and SHA-256), ``num_samples`` per seed block, ``repeats`` disjoint blocks
+    (``seeds``), the checkpoint, the sampler (``sampler``, ``nfe``, ``discretization``,
+    ``sampler_options`` as JSON, ``noise``), guidance (weight, ``guidance_interval`` as
+    ``lo,hi`` or empty, ``guide_ckpt``), the weights sampled (``ema``) and how classes were
+    chosen (``class_sampling``). Several extractors (FD-DINOv2) are ``;``-joined."""
+
+    dataset: str
+    split: str
+    reference: str
+    reference_sha256: str
+    extractor: str
+    extractor_weights: str
+    extractor_sha256: str
+    num_samples: int
+    repeats: int
+    seeds: str
+    ckpt: str = ""
+    sampler: str = ""
+    nfe: int = 0
+    discretization: str = ""
+    sampler_options: str = "{}"
+    noise: str = ""
+    guidance: float = 1.0
+    guidance_interval: str = ""
+    guide_ckpt: str = ""
+    ema: str = ""
+    class_sampling: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: Mapping) -> Protocol:
+        """A protocol from :meth:`to_dict` or read back from a CSV (strings converted)."""
+        types = {f.name: f.type for f in fields(cls)}
+        missing = sorted(set(types) - set(record))
+        if missing:
+            raise ValueError(f"protocol record lacks {missing}")
+        kinds = {"int": int, "float": float}
+        return cls(**{k: kinds.get(types[k], str)(record[k]) for k in types})
+
+    def row(self) -> dict:
+        """Columns ``protocol.<field>`` for a metric row (CSV, W&B table)."""
+        return {PREFIX + k: v for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> Protocol:
+        """The protocol of a metric row written with :meth:`row`."""
+        return cls.from_dict({k[len(PREFIX) :]: v for k, v in row.items() if k.startswith(PREFIX)})
+
+    def with_sampling(self, spec, guidance: float, interval) -> Protocol:
+        """This protocol for another sampler ``spec`` / guidance (a sweep's row)."""
+        return Protocol(
+            **{
+                **self.to_dict(),
+                **sampling_fields(spec),
+                "guidance": float(guidance),
+                "guidance_interval": interval_text(interval),
+            }
+        )
+
+
+def sampling_fields(spec) -> dict:
+    """The protocol's sampler fields of a :class:`~diffusionlab.sampling.spec.SamplerSpec`."""
+    return {
+        "sampler": spec.name,
+        "nfe": int(spec.nfe or 0),
+        "discretization": str(spec.discretization),
+        "sampler_options": json.dumps(dict(spec.options), sort_keys=True),
+        "noise": str(spec.noise),
+    }
+
+
+def interval_text(interval: Sequence[float] | None) -> str:
+    """``lo,hi`` of a guidance interval; empty for guidance at every sigma."""
+    return "" if interval is None else f"{float(interval[0]):g},{float(interval[1]):g}"
 
 
 def evaluate_generator(
@@ -78,7 +183,7 @@ def evaluate_generator(
     reference: Features,
     layers: dict[str, str],
     ranges: Sequence[Sequence[int]],
-    metrics: Sequence[str] = METRICS,
+    metrics: Sequence[str] = DEFAULT_METRICS,
     batch_size: int = 64,
     class_label: int | None = None,
     progress: bool = False,

@@ -27,10 +27,30 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         writer.writerows({c: "" if r[c] is None else r[c] for c in columns} for r in rows)
 
 
+PROTOCOL_PREFIX = "protocol."
+SPREAD = ("min", "mean", "std", "max")
+
+
 def write_sweep_table(rows: list[dict], stem: Path) -> None:
-    """``<stem>.csv`` and a Markdown ``<stem>.md`` of a sweep (per-run metrics, plus FID's min /
-    mean / max over seed ranges when repeated)."""
+    """``<stem>.csv`` (every column, the ``protocol.*`` record included) and a Markdown
+    ``<stem>.md`` of a sweep: per-run metrics, FID's min / mean / std / max over seed blocks when
+    repeated, the protocol columns that differ between rows, and below the table those that
+    do not."""
     write_csv(stem.with_suffix(".csv"), list(rows[0]), rows)
-    spread = {f"{k}_{s}" for k in rows[0] for s in ("min", "mean", "max") if f"{k}_min" in rows[0]}
-    keys = [k for k in rows[0] if k not in spread or k.startswith("fid_")]
-    stem.with_suffix(".md").write_text("\n".join(markdown_lines(keys, rows)) + "\n")
+    spread = {f"{k}_{s}" for k in rows[0] for s in SPREAD if f"{k}_min" in rows[0]}
+    protocol = [k for k in rows[0] if k.startswith(PROTOCOL_PREFIX)]
+    varying = [k for k in protocol if len({str(r.get(k)) for r in rows}) > 1]
+    keys = [
+        k
+        for k in rows[0]
+        if (k not in spread or k.startswith("fid_"))
+        and (not k.startswith(PROTOCOL_PREFIX) or k in varying)
+    ]
+    lines = markdown_lines(keys, rows)
+    fixed = [k for k in protocol if k not in varying]
+    if fixed:
+        lines += [
+            "",
+            "Protocol: " + "; ".join(f"{k[len(PROTOCOL_PREFIX) :]}={rows[0][k]}" for k in fixed),
+        ]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

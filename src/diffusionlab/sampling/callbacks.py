@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from diffusionlab.diffusion.guidance import check_guidance_interval
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.grid_record import (
@@ -56,8 +57,9 @@ class SampleGrid(L.Callback):
     autoguidance guide (Karras et al. 2024, eq. 1: D_guide + w (D - D_guide), the guide being the
     same network trained for less time) and written to ``checkpoints/guide.ckpt`` (for
     ``evaluate.py guide_ckpt=``); every later grid is also drawn guided, from the same seeds, as
-    ``samples/step_XXXXXX_autoguided.png``. The guide travels in the callback's checkpoint state,
-    so a resumed run draws the same guided grids.
+    ``samples/step_XXXXXX_autoguided.png`` (guided only for sigma in ``guidance_interval`` when
+    set). The guide travels in the callback's checkpoint state, so a resumed run draws the same
+    guided grids.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class SampleGrid(L.Callback):
         dirname: str = "samples",
         guidance: float = 1.0,
         guide_at: float = 0.15,
+        guidance_interval: list[float] | None = None,
     ) -> None:
         if guidance != 1.0 and not 0.0 < guide_at < 1.0:
             raise ConfigError(
@@ -87,6 +90,9 @@ class SampleGrid(L.Callback):
         self.dirname = dirname
         self.guidance = float(guidance)
         self.guide_at = guide_at
+        self.guidance_interval = check_guidance_interval(
+            guidance_interval, "callbacks.sample_grid.guidance_interval"
+        )
         self.guide_step: int | None = None
         self._guide: Denoiser | None = None
         self._guide_state: dict[str, Tensor] | None = None
@@ -125,7 +131,9 @@ class SampleGrid(L.Callback):
         x = draw_grid(pl_module, seeds, labels, spec)
         guide = self._guide_denoiser(pl_module)
         if guide is not None:
-            guided = draw_grid(pl_module, seeds, labels, spec, guide, self.guidance)
+            guided = draw_grid(
+                pl_module, seeds, labels, spec, guide, self.guidance, self.guidance_interval
+            )
         pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
@@ -143,6 +151,7 @@ class SampleGrid(L.Callback):
             images=images,
             guide_ckpt="checkpoints/guide.ckpt" if guide is not None else None,
             guide_step=self.guide_step if guide is not None else None,
+            guidance_interval=list(self.guidance_interval) if self.guidance_interval else None,
         )
         write_record(record_path(plain), record)
 

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from torch_fidelity.generative_model_base import GenerativeModelBase
 
 from diffusionlab.diffusion.batched_rng import BatchedGenerator
-from diffusionlab.diffusion.guidance import cfg_denoiser, label_cfg_denoiser
+from diffusionlab.diffusion.guidance import (
+    cfg_denoiser,
+    check_guidance_interval,
+    interval_denoiser,
+    label_cfg_denoiser,
+)
 from diffusionlab.diffusion.noise import Generator, StackedRandomGenerator
 from diffusionlab.diffusion.samplers import Denoise
 from diffusionlab.errors import ConfigError
@@ -41,7 +46,9 @@ class DiffusionGenerator(GenerativeModelBase):
     unconditional model), or autoguidance when ``guide`` (a weaker denoiser with the same
     signature, given the same condition) is set: D_guide + w (D - D_guide). ``decode`` maps
     samples of ``shape`` to images (a latent model's decoder). ``dtype`` is the sampler's working
-    precision (float64 reproduces EDM generate.py's sampler)."""
+    precision (float64 reproduces EDM generate.py's sampler). ``guidance_interval``
+    ``(sigma_lo, sigma_hi)`` limits either guidance to sigma in (lo, hi] (Kynkaanniemi et al.
+    2024); None guides at every sigma."""
 
     def __init__(
         self,
@@ -55,6 +62,7 @@ class DiffusionGenerator(GenerativeModelBase):
         decode: Callable[[Tensor], Tensor] | None = None,
         guide: CondDenoise | None = None,
         dtype: torch.dtype = torch.float32,
+        guidance_interval: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.denoise = denoise
@@ -67,6 +75,7 @@ class DiffusionGenerator(GenerativeModelBase):
         self.device = torch.device(device)
         self.decode = decode
         self.dtype = dtype
+        self.guidance_interval = check_guidance_interval(guidance_interval)
 
     @classmethod
     def from_module(
@@ -76,10 +85,12 @@ class DiffusionGenerator(GenerativeModelBase):
         guidance: float = 1.0,
         use_ema: bool = True,
         guide: DiffusionModule | nn.Module | None = None,
+        guidance_interval: Sequence[float] | None = None,
     ) -> DiffusionGenerator:
         """The generator of a trained module's (EMA) denoiser, its condition kind, schedule, data
         shape and decoder (``spec`` a spec or sampler config; None: all defaults); ``guide`` is a weaker module (its EMA when ``use_ema``, see
-        :func:`~diffusionlab.sampling.checkpoint.load_guide`) or denoiser for autoguidance."""
+        :func:`~diffusionlab.sampling.checkpoint.load_guide`) or denoiser for autoguidance;
+        ``guidance_interval`` the sigma range where guidance applies (None: everywhere)."""
         condition = condition_of(module)
         if guidance != 1.0 and condition is None and guide is None:
             raise ConfigError(
@@ -99,6 +110,7 @@ class DiffusionGenerator(GenerativeModelBase):
             module.decoder,
             None if guide is None else conditioned(guide, condition),
             getattr(module, "sample_dtype", torch.float32),
+            guidance_interval,
         )
 
     # ------------------------------------------------------------------ torch-fidelity
@@ -156,26 +168,28 @@ class DiffusionGenerator(GenerativeModelBase):
 
     # ------------------------------------------------------------------ sampling
     def denoiser(self, cond: Tensor | None = None) -> Denoise:
-        """``denoise(x, sigma)`` for the encoded condition ``cond`` with guidance applied: the
-        function the sampler (or an editing method) sees. Every call is a stop point
-        (``diffusionlab.stopping``): a stop signal ends sampling within one network evaluation."""
+        """``denoise(x, sigma)`` for the encoded condition ``cond`` with guidance applied (within
+        ``guidance_interval`` when set): the function the sampler (or an editing method) sees.
+        Every call is a stop point (``diffusionlab.stopping``): a stop signal ends sampling within
+        one network evaluation."""
         return stoppable(self._guided(cond))
 
     def _guided(self, cond: Tensor | None) -> Denoise:
-        if self.guide is not None:  # autoguidance, Karras et al. 2024 eq. 1
-            guide = self.guide
-            return cfg_denoiser(
-                lambda x, sigma: self.denoise(x, sigma, cond),
-                lambda x, sigma: guide(x, sigma, cond),
-                self.guidance,
-            )
-        if cond is not None and self.guidance != 1.0:
-            return label_cfg_denoiser(self.denoise, cond, self.guidance, self.condition.null(cond))
-
-        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+        def plain(x: Tensor, sigma: Tensor) -> Tensor:
             return self.denoise(x, sigma, cond)
 
-        return denoise
+        if self.guide is not None:  # autoguidance, Karras et al. 2024 eq. 1
+            guide = self.guide
+            guided = cfg_denoiser(plain, lambda x, sigma: guide(x, sigma, cond), self.guidance)
+        elif cond is not None and self.guidance != 1.0:
+            guided = label_cfg_denoiser(
+                self.denoise, cond, self.guidance, self.condition.null(cond)
+            )
+        else:
+            return plain
+        if self.guidance_interval is None:
+            return guided
+        return interval_denoiser(guided, plain, *self.guidance_interval)
 
     @torch.no_grad()
     def sample(
@@ -211,12 +225,14 @@ def generate(
     use_ema: bool = True,
     guide: DiffusionModule | nn.Module | None = None,
     guidance: float = 1.0,
+    guidance_interval: Sequence[float] | None = None,
 ) -> Tensor:
     """Samples of a trained module in [-1, 1] for ``seeds`` (one per image, independent of
     batching), decoded to images for a latent model. ``class_labels`` are encoded conditions
     (one-hot, or None: unconditioned); ``sampler`` a spec or config (default: the run's, stored
-    in the checkpoint); with a ``guide``, autoguidance with weight ``guidance``."""
+    in the checkpoint); with a ``guide``, autoguidance with weight ``guidance`` (within
+    ``guidance_interval`` when set)."""
     spec = SamplerSpec.of(sampler if sampler is not None else module.hparams.sampler)
-    gen = DiffusionGenerator.from_module(module, spec, guidance, use_ema, guide)
+    gen = DiffusionGenerator.from_module(module, spec, guidance, use_ema, guide, guidance_interval)
     noise, noise_gen = gen.seeded_noise(seeds)
     return gen.sample(noise, class_labels, noise_gen)

@@ -28,7 +28,8 @@ class GridRecord:
     """One step's grids: ``seeds``, the class ``labels`` (sample i: ``i % label_dim``; None for
     unconditional models), the resolved ``sampler`` spec, whether the weights were
     ``channels_last``, and each PNG with its guidance weight (``images``); guided images used the
-    run's guide ``guide_ckpt`` (relative to the run folder), taken at ``guide_step``."""
+    run's guide ``guide_ckpt`` (relative to the run folder), taken at ``guide_step``, for sigma in
+    ``guidance_interval`` only when set."""
 
     step: int
     seeds: tuple[int, ...]
@@ -38,6 +39,7 @@ class GridRecord:
     images: dict[str, float] = field(default_factory=dict)
     guide_ckpt: str | None = None
     guide_step: int | None = None
+    guidance_interval: list[float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -66,6 +68,7 @@ def draw_grid(
     sampler: SamplerSpec | dict | None,
     guide: DiffusionModule | nn.Module | None = None,
     guidance: float = 1.0,
+    guidance_interval: Sequence[float] | None = None,
 ) -> Tensor:
     """The grid of ``seeds`` with class ``labels`` (EMA weights, one batch): what the training
     callback draws and what ``sample.py from_run=`` draws again."""
@@ -74,7 +77,13 @@ def draw_grid(
     if condition is not None and labels is not None:
         cond = condition.encode(torch.tensor(list(labels), device=module.device))
     return generate(
-        module, seeds, class_labels=cond, sampler=sampler, guide=guide, guidance=guidance
+        module,
+        seeds,
+        class_labels=cond,
+        sampler=sampler,
+        guide=guide,
+        guidance=guidance,
+        guidance_interval=guidance_interval,
     )
 
 

@@ -80,6 +80,14 @@ def _shared(trains: list[dict], key: str) -> str | None:
     return values.pop() if len(values) == 1 else None
 
 
+def log_table(run: Any, key: str, rows: list[dict]) -> None:
+    """Log ``rows`` (dicts with the same keys) as the W&B table ``key``."""
+    import wandb
+
+    columns = list(rows[0])
+    run.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+
+
 def log_curve(
     run: Any, table_key: str, plot_key: str, rows: list[dict], x: str, series: str | None
 ) -> None:

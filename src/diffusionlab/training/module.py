@@ -7,6 +7,7 @@ Everything is rebuilt from plain config dicts stored in ``hparams``, so
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from diffusionlab.training.ema_snapshots import save_snapshots
 from diffusionlab.training.log_steps import is_logging_step
 from diffusionlab.training.lr_schedules import Constant, build_lr_schedule
 from diffusionlab.training.performance import HALF_PRECISIONS, fast_optimizer_options
+from diffusionlab.training.repa import build_repa, make_encoder
 from diffusionlab.training.rng_state import gather_rng_states, restore_rank_rng_states
 
 
@@ -49,6 +51,7 @@ class DiffusionModule(L.LightningModule):
         lr_schedule: dict | None = None,
         augment: dict | None = None,
         latent: dict | None = None,
+        repa: dict | None = None,
     ) -> None:
         super().__init__()
         # the app logs the whole run config; these hparams only rebuild the module from checkpoints
@@ -77,6 +80,12 @@ class DiffusionModule(L.LightningModule):
         )
         self._rng_states: list[dict] | None = None
         self._samples_in_step = 0  # this rank's samples since the last optimizer step
+        # REPA (training/repa.py): a projector on one block of the network, aligned with a frozen
+        # encoder; built after the EMA copy, so the EMA carries no feature hook. None = off.
+        self.repa = build_repa(repa, self.denoiser.net, self.data_shape, self.label_dim)
+        if self.repa is not None:  # the resolved block and widths, for checkpoints
+            self.hparams["repa"] = self.repa.settings.to_dict()
+        self._repa_terms: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ training
     def one_hot(self, labels: Tensor) -> Tensor | None:
@@ -89,33 +98,48 @@ class DiffusionModule(L.LightningModule):
         classes = torch.arange(self.label_dim, device=labels.device)
         return (labels[:, None] == classes).float()
 
-    def batch_loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds)``. Each sample's sigma,
-        noise, augmentation and dropout masks come from its seed (data/sampler.py) through a
-        counter-based generator on the batch's device (diffusion/batched_rng.py): a few kernels
-        for the whole batch, nothing read back to the host."""
-        x0, labels, seeds = batch
+    def batch_loss(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds[, views])``. Each sample's
+        sigma, noise, augmentation and dropout masks come from its seed (data/sampler.py) through
+        a counter-based generator on the batch's device (diffusion/batched_rng.py): a few kernels
+        for the whole batch, nothing read back to the host. With REPA the loss adds
+        lambda(step) times the alignment of the clean image (REPA eq. 9); ``views`` pick its
+        cached targets."""
+        x0, labels, seeds, *views = batch
         generator = BatchedGenerator(seeds, device=x0.device)
         augment_labels = None
+        lam = self.repa.settings.coefficient_at(self.global_step) if self.repa else 0.0
+        tap = self.repa.tap.capture() if lam > 0 else contextlib.nullcontext()
         with use_generator(generator):
             if self.augment_pipe is not None:
                 x0, augment_labels = self.augment_pipe(x0, generator)
-            return self.loss_fn(
-                self.denoiser,
-                x0,
-                class_labels=self.one_hot(labels),
-                augment_labels=augment_labels,
-                generator=generator,
-            )
+            with tap:
+                per_sample, sigma = self.loss_fn(
+                    self.denoiser,
+                    x0,
+                    class_labels=self.one_hot(labels),
+                    augment_labels=augment_labels,
+                    generator=generator,
+                )
+        if lam > 0:
+            align = self.repa.loss(self.repa.tap.value, x0, views[0] if views else None)
+            self._repa_terms = (per_sample.detach(), align.detach())
+            per_sample = per_sample + lam * align
+        return per_sample, sigma
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         self._samples_in_step += batch[0].shape[0]
+        self._repa_terms = None
         per_sample, sigma = self.batch_loss(batch)
         loss = per_sample.mean()
         # only on logging steps: ``self.log`` costs about 1 ms a call, and the progress bar shows
         # the returned loss itself (training/progress.py)
         if is_logging_step(self.trainer):
             self.log("train/loss", loss)
+            if self._repa_terms is not None:  # the buckets show the diffusion loss alone
+                per_sample = self._repa_terms[0]
+                self.log("train/repa_align", self._repa_terms[1].mean())
+                self.log("train/diffusion_loss", per_sample.mean())
             self._log_buckets(per_sample.detach(), sigma.detach())
             images = self.images_seen()
             if images is not None:
@@ -187,6 +211,21 @@ class DiffusionModule(L.LightningModule):
                 f"the checkpoint holds {len(saved) + 1} EMA profile(s), the ema config "
                 f"{len(self.ema_profiles) + 1}: resume with the ema=... settings that trained it"
             )
+
+    def on_fit_start(self) -> None:
+        """REPA: the frozen encoder on this device, and the targets of an in-memory dataset."""
+        if self.repa is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        data = None if dm is None or dm.lazy else dm.dataset
+        images = getattr(data, "images", None)
+        encoder = self.repa.encoder or make_encoder(self.repa.settings.encoder, self.data_shape)
+        self.repa.attach(
+            encoder,
+            images if isinstance(images, Tensor) else None,
+            bool(getattr(dm, "hflip", False)),
+            self.augment_pipe is not None,
+        )
 
     def on_train_start(self) -> None:
         # restored last, so nothing between checkpoint loading and the first step draws from them
