@@ -180,7 +180,7 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if received():  # stopped by a signal, not finished: no final grid
             return
-        log.info("end of training (step %d): sample grid of %d", trainer.global_step, self.n)
+        log.info("end of training (step %d): sample grid of %d", trainer.global_step, self.num_samples)
         self._sample(trainer, pl_module)  # a stop signal here ends the run (Stopped)
 
     def state_dict(self) -> dict[str, Any]:
