@@ -21,6 +21,7 @@ from diffusionlab.evaluation.protocol import parse_seeds
 from diffusionlab.sampling.checkpoint import load_guide, load_module, pick_device
 from diffusionlab.sampling.generator import DiffusionGenerator
 from diffusionlab.sampling.images import save_samples_png, to_uint8_rgb
+from diffusionlab.sampling.prompts import Prompt, check_negative, requested_prompts
 from diffusionlab.sampling.spec import SamplerSpec
 from diffusionlab.tracking.loggers import finish_wandb_run
 from diffusionlab.tracking.wandb_runs import start_wandb_run
@@ -41,7 +42,17 @@ def sample(cfg: DictConfig) -> Path:
     spec = SamplerSpec.from_config(cfg.sampler, ckpt=cfg.ckpt)
     spec.check(module.schedule)
     guide = load_guide(cfg.guide_ckpt, module)
-    generator = DiffusionGenerator.from_module(module, spec, guidance, bool(cfg.use_ema), guide)
+    negative = cfg.get("negative_prompt")
+    generator = DiffusionGenerator.from_module(
+        module, spec, guidance, bool(cfg.use_ema), guide, negative
+    )
+    # text models: prompt= / prompts_file= (one grid row per prompt), negative_prompt=
+    prompts = requested_prompts(generator.condition, cfg.get("prompt"), cfg.get("prompts_file"))
+    check_negative(generator.condition, negative, guidance, guide is not None)
+    if generator.condition is not None and not generator.condition.drawable:
+        raise ConfigError(
+            f"ckpt={cfg.ckpt!r} is image-conditioned: dl-upsample ckpt=... inputs=..."
+        )
     class_label = number(cfg, "class_label", int, optional=True)
     if class_label is not None and not 0 <= class_label < module.label_dim:
         raise ConfigError(
@@ -50,7 +61,7 @@ def sample(cfg: DictConfig) -> Path:
     grid_labels = class_grid_labels(cfg, len(seeds), module.label_dim)
     with finish_wandb_run():
         run = start_wandb_run(cfg, [str(cfg.ckpt)])
-        outdir = _sample(cfg, generator, seeds, bs, grid_labels)
+        outdir = _sample(cfg, generator, seeds, bs, grid_labels, prompts)
         if cfg.grid:
             import wandb
 
@@ -81,29 +92,35 @@ def _sample(
     seeds: list[int],
     bs: int,
     grid_labels: torch.Tensor | None = None,
+    prompts: list[Prompt] | None = None,
 ) -> Path:
     outdir = Path(cfg.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     images, labels = [], []
-    for start in tqdm(range(0, len(seeds), bs), desc="sampling", unit="batch"):
-        batch = seeds[start : start + bs]
-        if grid_labels is None:
-            noise, lab, gen = generator.seeded_inputs(batch, cfg.class_label)
-        else:  # a fixed label draws nothing from the per-seed generators; then the grid's labels
-            noise, _, gen = generator.seeded_inputs(batch, 0)
-            lab = grid_labels[start : start + bs].to(noise.device)
-        x = generator.sample_images(noise, lab, gen).cpu()
-        images.append(x)
-        if lab is not None:
-            labels.append(lab.cpu())
-        if cfg.png and x.ndim == 4:
-            _write_pngs(x, batch, outdir)
+    rows = prompts or [None]  # a prompts file: every seed for each prompt, a grid row each
+    for row, prompt in enumerate(rows):
+        value = cfg.class_label if prompt is None else prompt.text
+        prefix = f"p{row:03d}_" if len(rows) > 1 else ""
+        for start in tqdm(range(0, len(seeds), bs), desc="sampling", unit="batch"):
+            batch = seeds[start : start + bs]
+            if grid_labels is None:
+                noise, lab, gen = generator.seeded_inputs(batch, value)
+            else:  # a fixed label draws nothing from the per-seed generators; then the grid's
+                noise, _, gen = generator.seeded_inputs(batch, 0)
+                lab = grid_labels[start : start + bs].to(noise.device)
+            x = generator.sample_images(noise, lab, gen).cpu()
+            images.append(x)
+            if lab is not None:
+                labels.append(lab.cpu())
+            if cfg.png and x.ndim == 4:
+                _write_pngs(x, batch, outdir, prefix)
     x = torch.cat(images)
     if cfg.grid:
         nrow = len(seeds) // generator.num_classes if grid_labels is not None else None
+        nrow = len(seeds) if len(rows) > 1 else nrow
         save_samples_png(x if nrow else x[:256], outdir / "grid.png", nrow)
     if cfg.npz:
-        arrays = {"seeds": np.array(seeds)}
+        arrays = {"seeds": np.array(seeds * len(rows))}
         arrays["samples"] = (
             to_uint8_rgb(x)[:, : x.shape[1]].permute(0, 2, 3, 1).numpy()
             if x.ndim == 4
@@ -111,9 +128,11 @@ def _sample(
         )
         if labels:
             arrays["labels"] = torch.cat(labels).numpy()
+            if generator.condition.kind == "text":  # the prompt of each sample
+                arrays["prompts"] = np.array(generator.condition.describe(torch.cat(labels)))
         np.savez(outdir / "samples.npz", **arrays)
     spec = generator.spec
-    log.info("%d samples (%s, nfe=%s) in %s", len(seeds), spec.name, spec.nfe, outdir)
+    log.info("%d samples (%s, nfe=%s) in %s", len(x), spec.name, spec.nfe, outdir)
     return outdir
 
 
@@ -121,12 +140,13 @@ def _plain(value):
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def _write_pngs(x: torch.Tensor, seeds: list[int], outdir: Path) -> None:
+def _write_pngs(x: torch.Tensor, seeds: list[int], outdir: Path, prefix: str = "") -> None:
     from PIL import Image
 
     arr = to_uint8_rgb(x)[:, : x.shape[1]].permute(0, 2, 3, 1).numpy()
     for seed, img in zip(seeds, arr, strict=True):
-        Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(outdir / f"{seed:06d}.png")
+        image = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        image.save(outdir / f"{prefix}{seed:06d}.png")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")

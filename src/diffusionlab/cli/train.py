@@ -29,6 +29,7 @@ from diffusionlab.tracking.run_identity import run_config
 from diffusionlab.tracking.run_record import write_run_record
 from diffusionlab.tracking.secrets import redact, secret_values, secrets_kept_out
 from diffusionlab.training.checkpoint_io import check_resumable
+from diffusionlab.training.conditions import needs_captions
 from diffusionlab.training.module import DiffusionModule
 from diffusionlab.training.nonfinite import NonFiniteGuard
 from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
@@ -99,6 +100,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
             f"label_dim={label_dim} but dataset {cfg.dataset._target_} has "
             f"num_classes={dataset.num_classes}; use label_dim=0 or label_dim={dataset.num_classes}"
         )
+    cond = _container(cfg.get("cond"))
+    datamodule.captions = needs_captions(cond, dataset)  # cond=text: batches carry captions
     # the grid callbacks' default and what sampling from the checkpoint uses unless told otherwise
     spec = SamplerSpec.from_config(_container(cfg.sampler)) if cfg.sampler else SamplerSpec()
     module = DiffusionModule(
@@ -115,6 +118,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         lr_schedule=_container(cfg.get("lr_schedule")),
         augment=_container(cfg.get("augment")),
         latent=getattr(dataset, "latent", None),
+        cond=cond,
     )
     module.lr_schedule()  # a bad lr_schedule.* value stops here, not at the first step
     check_augment(module.augment_pipe, int(cfg.model.get("augment_dim", 0)), dataset.shape)

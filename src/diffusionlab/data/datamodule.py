@@ -91,19 +91,21 @@ class _Stored(Dataset):
 
 
 class Collate:
-    """``[(x, label, seed), ...] -> (x, labels, seeds)``; a dataset's ``prepare_batch(x, seeds)``
-    (per-sample draws from each sample's seed, e.g. a latent from its posterior) runs here, in
-    the worker."""
+    """``[(x, label, seed), ...] -> (x, labels, seeds)`` (and a list of captions when the items
+    carry them); a dataset's ``prepare_batch(x, seeds)`` (per-sample draws from each sample's
+    seed, e.g. a latent from its posterior) runs here, in the worker."""
 
     def __init__(self, prepare: Callable | None = None) -> None:
         self.prepare = prepare
 
-    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: list) -> tuple:
         x = torch.stack([b[0] for b in batch])
         y = torch.tensor([b[1] for b in batch], dtype=torch.long)
         seeds = torch.tensor([b[2] for b in batch], dtype=torch.long)
         if self.prepare is not None:
             x = self.prepare(x, seeds)
+        if len(batch[0]) > 3:
+            return x, y, seeds, [b[3] for b in batch]
         return x, y, seeds
 
 
@@ -155,6 +157,13 @@ class DiffusionDataModule(L.LightningDataModule):
         """True when the dataset decodes per sample (``raw_item``) rather than holding tensors."""
         return hasattr(self.dataset, "raw_item")
 
+    captions: bool = False  # set by the training app for cond=text: batches carry captions
+
+    @property
+    def caption_reader(self):
+        """The dataset's ``caption(index, choice)`` when the model reads captions, else None."""
+        return getattr(self.dataset, "caption", None) if self.captions else None
+
     def setup(self, stage: str | None = None) -> None:
         _ = self.dataset
 
@@ -205,7 +214,7 @@ class DiffusionDataModule(L.LightningDataModule):
         # (ddp_spawn), whose default would start each worker as a new interpreter
         fork = settings.num_workers and "fork" in multiprocessing.get_all_start_methods()
         return DataLoader(
-            PositionedDataset(data, self.seed, self.hflip),
+            PositionedDataset(data, self.seed, self.hflip, self.caption_reader),
             batch_sampler=self.sampler(world, rank, step),
             num_workers=settings.num_workers,
             collate_fn=Collate(getattr(self.dataset, "prepare_batch", None)),

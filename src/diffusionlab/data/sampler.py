@@ -12,13 +12,19 @@ batch is split, and a resumed run replays the uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from diffusionlab.diffusion.seeds import EPOCH_STREAM, FLIP_STREAM, NOISE_STREAM, sample_seed
+from diffusionlab.diffusion.seeds import (
+    CAPTION_STREAM,
+    EPOCH_STREAM,
+    FLIP_STREAM,
+    NOISE_STREAM,
+    sample_seed,
+)
 from diffusionlab.errors import ConfigError
 
 
@@ -111,12 +117,21 @@ class StepSampler:
 
 class PositionedDataset(Dataset):
     """Reads ``(index, position)`` keys: returns ``(x, label, noise seed)``; flips images
-    horizontally with probability 1/2 from the sample's own seed when ``hflip``."""
+    horizontally with probability 1/2 from the sample's own seed when ``hflip``. With
+    ``caption(index, choice)`` (a captioned dataset) the sample's caption comes fourth, picked
+    among the image's captions by its own seed."""
 
-    def __init__(self, dataset: Dataset, seed: int, hflip: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int,
+        hflip: bool = False,
+        caption: Callable[[int, int], str] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.seed = seed
         self.hflip = hflip
+        self.caption = caption
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -126,4 +141,7 @@ class PositionedDataset(Dataset):
         x, label = self.dataset[index]
         if self.hflip and x.ndim == 3 and sample_seed(self.seed, position, FLIP_STREAM) & 1:
             x = x.flip(-1)
+        if self.caption is not None:
+            text = self.caption(index, sample_seed(self.seed, position, CAPTION_STREAM))
+            return x, label, sample_seed(self.seed, position, NOISE_STREAM), text
         return x, label, sample_seed(self.seed, position, NOISE_STREAM)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from diffusionlab.diffusion.parameterizations import Denoiser
@@ -28,7 +27,8 @@ class SampleGrid(L.Callback):
     from seeds ``seed .. seed + n - 1`` with the EMA denoiser and save ``samples/step_XXXXXX.png``.
 
     Class-conditional models get label ``i % label_dim`` for sample ``i`` (one class per column
-    when ``n`` is a multiple of ``label_dim``).
+    when ``n`` is a multiple of ``label_dim``); text-conditioned ones prompt ``i % P`` of their
+    ``cond.prompts``; image-conditioned ones upsample the first ``n`` training images.
 
     With ``guidance`` != 1, the EMA denoiser at step ``round(guide_at * max_steps)`` is kept as an
     autoguidance guide (Karras et al. 2024, eq. 1: D_guide + w (D - D_guide), the guide being the
@@ -69,12 +69,14 @@ class SampleGrid(L.Callback):
         self._guide: Denoiser | None = None
         self._guide_state: dict[str, Tensor] | None = None
 
-    def _labels(self, pl_module: L.LightningModule) -> Tensor | None:
-        """Encoded class ``i % label_dim`` for sample ``i``; None for unconditional models."""
+    def _values(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor | None:
+        """The grid's condition values (class ``i % label_dim`` for sample ``i``, ...); None
+        for unconditional models."""
         condition = condition_of(pl_module)
         if condition is None:
             return None
-        return condition.encode(torch.arange(self.n, device=pl_module.device) % pl_module.label_dim)
+        data = getattr(getattr(trainer, "datamodule", None), "dataset", None)
+        return condition.grid_values(self.n, pl_module.device, data)
 
     def _guide_denoiser(self, pl_module: L.LightningModule) -> Denoiser | None:
         """The guide, rebuilt from the checkpoint state after a resume; None before it is taken."""
@@ -104,14 +106,14 @@ class SampleGrid(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         seeds = range(self.seed, self.seed + self.n)
-        labels = self._labels(pl_module)
-        x = generate(pl_module, seeds, class_labels=labels, sampler=self.sampler)
+        labels = self._values(trainer, pl_module)
+        x = generate(pl_module, seeds, conditions=labels, sampler=self.sampler)
         guide = self._guide_denoiser(pl_module)
         if guide is not None:
             guided = generate(
                 pl_module,
                 seeds,
-                class_labels=labels,
+                conditions=labels,
                 sampler=self.sampler,
                 guide=guide,
                 guidance=self.guidance,
