@@ -143,8 +143,13 @@ class PretrainedTextEncoder:
             )
         if kind not in ENCODER_KINDS[1:]:
             raise ConfigError(f"cond.encoder.kind={kind!r} must be one of {ENCODER_KINDS}")
-        import transformers
-
+        try:
+            import transformers
+        except ImportError:
+            raise ConfigError(
+                f"cond.encoder.kind={kind} reads a transformers model: pip install "
+                "'diffusionlab[text]' (transformers, tokenizers)"
+            ) from None
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         try:

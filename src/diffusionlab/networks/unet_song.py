@@ -113,7 +113,9 @@ class SongUNet(nn.Module):
         self.map_augment = (
             Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         )
-        self.map_vector = Linear(vector_dim, noise_channels, **init) if vector_dim else None
+        self.map_vector = (
+            Linear(vector_dim, noise_channels, bias=False, **init) if vector_dim else None
+        )
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 

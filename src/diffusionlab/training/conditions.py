@@ -192,6 +192,9 @@ def build_network(
     try:
         return instantiate(model, **settings.model_kwargs(data_shape, encoder))
     except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError) and "cross_attn_resolutions" in str(cause):
+            raise ConfigError(f"cond.{str(cause).split(': ', 1)[1]}") from None
         if "unexpected keyword argument" not in str(e):
             raise
         raise ConfigError(
