@@ -154,6 +154,7 @@ def score(
         cfg.cache_dir,
         split=cfg.eval_split,
         metrics=["fid", "kid"],
+        extractor_steps=int(number(cfg, "extractor_steps", int, at_least=1)),
         device=x.device,
     )
     cubic = bicubic(low, factor)
