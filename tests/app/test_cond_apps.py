@@ -76,6 +76,18 @@ def test_text_run_samples_prompts_files_and_negative_prompts(text_ckpt, tmp_path
     ]
     data = np.load(out2 / "samples.npz")
     assert list(data["prompts"]) == ["a handwritten seven"] * 3 + ["the digit 1"] * 3
+    # autoguidance with text: the model as its own guide is D_g + w (D - D_g) = D, the plain
+    # conditional model (the guide encodes the prompt with its own copy of the encoder)
+    out3 = tmp_path / "guided"
+    guided = [*args[:3], f"outdir={out3}", "prompt=a handwritten seven", "guidance=2"]
+    res = run_app("sample.py", [*guided, f"guide_ckpt={text_ckpt}"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    for seed in range(3):
+        a = np.asarray(Image.open(out3 / f"{seed:06d}.png")).astype(int)
+        b = np.asarray(Image.open(out2 / f"p000_{seed:06d}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
+    autoguided = text_ckpt.parents[1] / "samples"
+    assert list(autoguided.glob("*_autoguided.png")), "no autoguided training grid"
 
 
 def test_prompt_accuracy_app(text_ckpt, tmp_path):
@@ -131,9 +143,12 @@ def test_tiny_clip_from_a_folder_conditions_training_and_sampling(tmp_path):
 
 
 def test_super_resolution_inputs_cascade_and_evaluation(sr_ckpt, text_ckpt, tmp_path):
+    assert list((sr_ckpt.parents[1] / "samples").glob("*.png")), "no training grid"
     low = (np.arange(2 * 16 * 16) % 255).astype(np.uint8).reshape(2, 16, 16, 1)
     np.savez(tmp_path / "low.npz", samples=low)
     base = ["sampler.nfe=3", "batch_size=2"]
+    # in-process training wrote no .hydra/config.yaml: name the reference data
+    scored = [*base, "dataset=mnist", "extractor_steps=10", f"cache_dir={tmp_path / 'cache'}"]
     res = run_app(
         "src/diffusionlab/cli/upsample.py",
         [f"ckpt={sr_ckpt}", f"inputs={tmp_path / 'low.npz'}", f"outdir={tmp_path / 'a'}", *base],
@@ -149,7 +164,7 @@ def test_super_resolution_inputs_cascade_and_evaluation(sr_ckpt, text_ckpt, tmp_
             f"base_ckpt={text_ckpt}",
             "num_samples=2",
             f"outdir={tmp_path / 'b'}",
-            *base,
+            *scored,
         ],
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -161,10 +176,8 @@ def test_super_resolution_inputs_cascade_and_evaluation(sr_ckpt, text_ckpt, tmp_
             f"ckpt={sr_ckpt}",
             "evaluate=true",
             "num_samples=4",
-            "extractor_steps=10",
-            f"cache_dir={tmp_path / 'cache'}",
             f"outdir={tmp_path / 'c'}",
-            *base,
+            *scored,
         ],
     )
     assert res.returncode == 0, res.stderr[-2000:]
@@ -200,6 +213,11 @@ def test_wrong_condition_for_a_checkpoint_is_one_message(text_ckpt, sr_ckpt, tmp
         assert res.returncode == 1, (args, res.stderr[-1500:])
         assert message in res.stderr, (args, res.stderr[-1500:])
         assert "Traceback" not in res.stderr
+    # resuming a text-conditioned run without its cond
+    common = [*fast_overrides(tmp_path, callbacks=False), *TEXT, "data.batch_size=8"]
+    res = run_app("train.py", [*common, "cond=none", f"ckpt_path={text_ckpt}"])
+    assert res.returncode == 1, res.stderr[-1500:]
+    assert "ckpt_path=" in res.stderr and "different model config (cond:" in res.stderr
 
 
 def test_training_errors_name_the_key_or_file(tmp_path):
