@@ -217,7 +217,8 @@ def test_wrong_condition_for_a_checkpoint_is_one_message(text_ckpt, sr_ckpt, tmp
     common = [*fast_overrides(tmp_path, callbacks=False), *TEXT[:2], "data.batch_size=8"]
     res = run_app("train.py", [*common, "cond=none", f"ckpt_path={text_ckpt}"])
     assert res.returncode == 1, res.stderr[-1500:]
-    assert "ckpt_path=" in res.stderr and "different model config (cond:" in res.stderr
+    assert "ckpt_path=" in res.stderr and "different model config" in res.stderr
+    assert "cond.kind: 'text' -> None" in res.stderr
 
 
 def test_training_errors_name_the_key_or_file(tmp_path):
@@ -252,3 +253,13 @@ def test_training_errors_name_the_key_or_file(tmp_path):
         res = run_app("train.py", [*common, *args])
         assert res.returncode == 1, (args, res.stderr[-1500:])
         assert message in res.stderr, (args, res.stderr[-1500:])
+
+
+def test_cond_class_is_the_label_path_with_its_dropout(tmp_path):
+    from diffusionlab.cli.train import build
+
+    cfg = compose_train([*fast_overrides(tmp_path), "cond=class", "cond.dropout=0.2"], tmp_path)
+    assert cfg.label_dim == 10 and cfg.model.label_dropout == 0.2
+    module, _ = build(cfg)
+    assert module.label_dim == 10 and module.cond is None
+    assert module.denoiser.net.label_dropout == 0.2
