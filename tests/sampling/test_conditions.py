@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from test_spec import VAR, shifted_gaussian
-from tiny_text_encoders import tiny_clip, tiny_t5
 
 from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.diffusion.schedules import get_schedule
@@ -30,6 +29,7 @@ from diffusionlab.training.conditions import (
     drop_inputs,
     training_inputs,
 )
+from tiny_text_encoders import tiny_clip, tiny_t5
 
 SHAPE = (1, 16, 16)
 
