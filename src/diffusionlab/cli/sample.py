@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,10 +35,12 @@ from diffusionlab.distributed import (
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.protocol import parse_seeds
 from diffusionlab.sampling.checkpoint import load_guide, load_module, pick_device
+from diffusionlab.sampling.conditioning import condition_of
 from diffusionlab.sampling.distributed import Tally, labels_of, write_samples
 from diffusionlab.sampling.generator import DiffusionGenerator
 from diffusionlab.sampling.grid_record import draw_grid, find_run_grid
 from diffusionlab.sampling.images import save_samples_png
+from diffusionlab.sampling.prompts import Prompt, check_negative, requested_prompts
 from diffusionlab.sampling.spec import SamplerSpec, inherit_sampler
 from diffusionlab.sampling.writer import SampleFolder, file_identity
 from diffusionlab.stopping import Stopped, requeue_slurm_job, stop_signals
@@ -80,9 +83,17 @@ def _sample(cfg: DictConfig) -> Path:
         spec = SamplerSpec.from_config(checkpoint_sampler(module, cfg.sampler), ckpt=cfg.ckpt)
         spec.check(module.schedule)
         guide = load_guide(cfg.guide_ckpt, module)
+        negative = cfg.get("negative_prompt")
         generator = DiffusionGenerator.from_module(
-            module, spec, guidance, bool(cfg.use_ema), guide, interval
+            module, spec, guidance, bool(cfg.use_ema), guide, interval, negative
         )
+        # text models: prompt= / prompts_file= (one grid row per prompt), negative_prompt=
+        prompts = requested_prompts(generator.condition, cfg.get("prompt"), cfg.get("prompts_file"))
+        check_negative(generator.condition, negative, guidance, guide is not None)
+        if generator.condition is not None and not generator.condition.drawable:
+            raise ConfigError(
+                f"ckpt={cfg.ckpt!r} is image-conditioned: dl-upsample ckpt=... inputs=..."
+            )
         class_label = number(cfg, "class_label", int, optional=True)
         if class_label is not None and not 0 <= class_label < module.label_dim:
             raise ConfigError(
@@ -90,9 +101,8 @@ def _sample(cfg: DictConfig) -> Path:
             )
         grid_labels = class_grid_labels(cfg, len(seeds), module.label_dim)
         images = len(module.data_shape) == 3
-        folder = SampleFolder(
-            cfg.outdir, _record(cfg, spec, guidance, interval, class_label, len(seeds))
-        )
+        record = _record(cfg, spec, guidance, interval, class_label, len(seeds), prompts)
+        folder = SampleFolder(cfg.outdir, record)
         run = None
         if is_main():
             resumed = folder.check_record()
@@ -112,18 +122,26 @@ def _sample(cfg: DictConfig) -> Path:
     )
     if is_main() and keep and resumed:
         log.info("resuming: images already in %s are skipped", folder.outdir)
-    tally = write_samples(generator, seeds, folder, bs, class_label, grid_labels, keep)
+    # a prompts file: every seed for each prompt, files p<row>_<seed>.png, a grid row each
+    rows = prompts or [None]
+    made = []
+    for row, prompt in enumerate(rows):
+        part = folder.part(f"p{row:03d}_" if len(rows) > 1 else "")
+        value = class_label if prompt is None else prompt.text
+        tally = write_samples(generator, seeds, part, bs, value, grid_labels, keep)
+        made.append((part, value, tally))
+        log.info(
+            "%d samples%s (%s, nfe=%s) in %s: %s",
+            len(seeds),
+            "" if prompt is None else f" of {prompt.text!r}",
+            spec.name,
+            spec.nfe,
+            folder.outdir,
+            tally.summary(),
+        )
     with together():
         if is_main():
-            _finish(cfg, generator, folder, seeds, tally, grid_labels, class_label, bs, run)
-    log.info(
-        "%d samples (%s, nfe=%s) in %s: %s",
-        len(seeds),
-        spec.name,
-        spec.nfe,
-        folder.outdir,
-        tally.summary(),
-    )
+            _finish(cfg, generator, seeds, made, grid_labels, bs, run)
     return folder.outdir
 
 
@@ -134,6 +152,7 @@ def _record(
     interval: tuple[float, float] | None,
     class_label: int | None,
     n: int,
+    prompts: list[Prompt] | None,
 ) -> dict:
     """Every setting an image depends on besides its seed (``sampling.json``)."""
     return {
@@ -144,6 +163,8 @@ def _record(
         "guidance": float(guidance),
         "guidance_interval": list(interval) if interval else None,
         "class_label": class_label,
+        "prompts": [p.text for p in prompts] if prompts else None,
+        "negative_prompt": cfg.get("negative_prompt"),
         # a class grid gives seed i the class of its row, which depends on the number of seeds
         "class_grid": n if cfg.class_grid else None,
     }
@@ -152,28 +173,46 @@ def _record(
 def _finish(
     cfg: DictConfig,
     generator: DiffusionGenerator,
-    folder: SampleFolder,
     seeds: list[int],
-    tally: Tally,
+    made: list[tuple[SampleFolder, int | str | None, Tally]],
     grid_labels: torch.Tensor | None,
-    class_label: int | None,
     bs: int,
     run,
 ) -> None:
-    """Rank 0: the grid and the npz from every process's files (or the gathered samples), and
-    the grid to W&B."""
-    x = tally.samples
+    """Rank 0: the grid and the npz from every process's files (or the gathered samples) of
+    every prompt row, and the grid to W&B."""
+    folder = made[0][0]
     if cfg.grid:
-        nrow = len(seeds) // generator.num_classes if grid_labels is not None else None
-        shown = seeds if nrow else seeds[:256]
-        folder.write_grid(folder.read(shown) if x is None else x[: len(shown)], nrow)
+        if len(made) > 1:  # one row of every seed per prompt
+            nrow = len(seeds)
+            x = torch.cat([_samples(part, tally, seeds) for part, _, tally in made])
+        else:
+            nrow = len(seeds) // generator.num_classes if grid_labels is not None else None
+            x = _samples(folder, made[0][2], seeds if nrow else seeds[:256])
+        folder.write_grid(x, nrow)
         if run is not None:
             import wandb
 
             run.log({"samples/grid": wandb.Image(str(folder.outdir / "grid.png"))})
     if cfg.npz:
-        labels = labels_of(generator, seeds, class_label, grid_labels, bs)
-        folder.write_npz(seeds, x, labels)
+        labels = [labels_of(generator, seeds, value, grid_labels, bs) for _, value, _ in made]
+        label = None if labels[0] is None else torch.cat(labels)
+        extra = {}
+        if label is not None and generator.condition.kind == "text":  # each sample's prompt
+            extra["prompts"] = np.array(generator.condition.describe(label))
+        if len(made) == 1:
+            folder.write_npz(seeds, made[0][2].samples, label, extra=extra)
+        else:
+            x = torch.cat([_samples(part, tally, seeds) for part, _, tally in made])
+            folder.write_npz(seeds * len(made), x, label, extra=extra)
+
+
+def _samples(part: SampleFolder, tally: Tally, seeds: list[int]) -> torch.Tensor:
+    """The samples of ``seeds`` (the first of them) in [-1, 1], read back from the files (to
+    the same bytes again) or gathered."""
+    if tally.samples is None:
+        return part.read(seeds).float() / 127.5 - 1
+    return tally.samples[: len(seeds)]
 
 
 def checkpoint_sampler(module: DiffusionModule, node: DictConfig | None) -> dict:
@@ -197,6 +236,12 @@ def sample_run_grid(cfg: DictConfig) -> Path:
     grid = find_run_grid(cfg.from_run)
     record = grid.record
     module = load_module(str(grid.ckpt), pick_device(cfg.device))
+    condition = condition_of(module)
+    if condition is not None and not condition.drawable:
+        raise ConfigError(
+            f"from_run={cfg.from_run}: an image-conditioned model's grid upsampled training "
+            "images, which its record does not hold; draw it with dl-upsample"
+        )
     if record.channels_last:
         module = module.to(memory_format=torch.channels_last)
     guide = None

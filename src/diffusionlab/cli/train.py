@@ -34,6 +34,7 @@ from diffusionlab.tracking.run_identity import run_config
 from diffusionlab.tracking.run_record import write_run_record
 from diffusionlab.tracking.secrets import redact, secret_values, secrets_kept_out
 from diffusionlab.training.checkpoint_io import check_resumable
+from diffusionlab.training.conditions import needs_captions
 from diffusionlab.training.module import DiffusionModule
 from diffusionlab.training.nonfinite import NonFiniteGuard
 from diffusionlab.training.performance import CompileNetwork, check_precision, to_channels_last
@@ -104,6 +105,8 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
             f"label_dim={label_dim} but dataset {cfg.dataset._target_} has "
             f"num_classes={dataset.num_classes}; use label_dim=0 or label_dim={dataset.num_classes}"
         )
+    cond = _container(cfg.get("cond"))
+    datamodule.captions = needs_captions(cond, dataset)  # cond=text: batches carry captions
     # the grid callbacks' default and what sampling from the checkpoint uses unless told otherwise
     spec = SamplerSpec.from_config(_container(cfg.sampler)) if cfg.sampler else SamplerSpec()
     repa = repa_config(cfg, dataset)  # REPA (repa=...): encoder resolved; None = off
@@ -122,6 +125,7 @@ def build(cfg: DictConfig) -> tuple[DiffusionModule, DiffusionDataModule]:
         augment=_container(cfg.get("augment")),
         latent=getattr(dataset, "latent", None),
         repa=None if repa is None else repa[0],
+        cond=cond,
     )
     if repa is not None:  # the encoder built above, and each sample's view for its targets
         module.repa.use_encoder(repa[1])

@@ -93,20 +93,24 @@ class _Stored(Dataset):
 class Collate:
     """``[(x, label, seed), ...] -> (x, labels, seeds)``; a dataset's ``prepare_batch(x, seeds)``
     (per-sample draws from each sample's seed, e.g. a latent from its posterior) runs here, in
-    the worker. Items with a fourth entry (the view, ``PositionedDataset(views=True)``) add a
-    fourth tensor ``views``."""
+    the worker. Items with a fourth entry (a dict of extras, :class:`PositionedDataset`) add a
+    fourth one: ``{"views": LongTensor, "captions": [str, ...]}`` with the keys the items have."""
 
     def __init__(self, prepare: Callable | None = None) -> None:
         self.prepare = prepare
 
-    def __call__(self, batch: list) -> tuple[torch.Tensor, ...]:
+    def __call__(self, batch: list) -> tuple:
         x = torch.stack([b[0] for b in batch])
         y = torch.tensor([b[1] for b in batch], dtype=torch.long)
         seeds = torch.tensor([b[2] for b in batch], dtype=torch.long)
         if self.prepare is not None:
             x = self.prepare(x, seeds)
         if len(batch[0]) > 3:
-            return x, y, seeds, torch.tensor([b[3] for b in batch], dtype=torch.long)
+            extras = {}
+            for key in batch[0][3]:
+                values = [b[3][key] for b in batch]
+                extras[key] = torch.tensor(values) if key == "views" else values
+            return x, y, seeds, extras
         return x, y, seeds
 
 
@@ -137,7 +141,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.hflip = hflip
         self.batch_per_device = batch_per_device
         self.seed = seed
-        # batches carry each sample's view (2 * index + flipped) as a fourth tensor; the training
+        # batches carry each sample's view (2 * index + flipped) among their extras; the training
         # app sets it for per-image feature caches (repa=..., training/repa.py)
         self.views = False
         # data position: global sample ``_start_position`` begins optimizer step ``_start_step``
@@ -160,6 +164,13 @@ class DiffusionDataModule(L.LightningDataModule):
     def lazy(self) -> bool:
         """True when the dataset decodes per sample (``raw_item``) rather than holding tensors."""
         return hasattr(self.dataset, "raw_item")
+
+    captions: bool = False  # set by the training app for cond=text: batches carry captions
+
+    @property
+    def caption_reader(self):
+        """The dataset's ``caption(index, choice)`` when the model reads captions, else None."""
+        return getattr(self.dataset, "caption", None) if self.captions else None
 
     def setup(self, stage: str | None = None) -> None:
         _ = self.dataset
@@ -211,7 +222,7 @@ class DiffusionDataModule(L.LightningDataModule):
         # (ddp_spawn), whose default would start each worker as a new interpreter
         fork = settings.num_workers and "fork" in multiprocessing.get_all_start_methods()
         return DataLoader(
-            PositionedDataset(data, self.seed, self.hflip, self.views),
+            PositionedDataset(data, self.seed, self.hflip, self.views, self.caption_reader),
             batch_sampler=self.sampler(world, rank, step),
             num_workers=settings.num_workers,
             collate_fn=Collate(getattr(self.dataset, "prepare_batch", None)),

@@ -186,9 +186,11 @@ def image_folder(
     channels: int = 3,
     num_classes: int = 0,
     skip_corrupt: bool = False,
+    captions: bool = False,
 ) -> TensorImageDataset:
     """Every image under ``path`` (recursively), center-cropped and resized to ``resolution``
-    and converted to ``channels`` (images of mixed sizes and modes are fine).
+    and converted to ``channels`` (images of mixed sizes and modes are fine). With ``captions``
+    each image's sidecar ``.txt`` holds its captions (one per line; data/captions.py).
 
     With ``num_classes > 0`` the immediate sub-folder names are the classes (sorted), as in
     torchvision's ImageFolder; their count must equal ``num_classes``. A file that does not
@@ -212,7 +214,7 @@ def image_folder(
         raise ConfigError(
             f"dataset.num_classes={num_classes} but {str(root)!r} has {len(classes)} class folders"
         )
-    arrays, labels = [], []
+    arrays, labels, kept = [], [], []
     for p in files:
         try:
             arrays.append(_read_square(p, resolution, channels))
@@ -221,12 +223,18 @@ def image_folder(
                 raise ConfigError(f"{e}; remove it or set dataset.skip_corrupt=true") from None
             log.warning("skipping %s", e)
             continue
+        kept.append(p)
         if num_classes:
             labels.append(classes.index(p.relative_to(root).parts[0]))
     if not arrays:
         raise ConfigError(f"dataset.path={str(root)!r}: no image could be read")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return TensorImageDataset(images, torch.tensor(labels) if num_classes else None, num_classes)
+    data = TensorImageDataset(images, torch.tensor(labels) if num_classes else None, num_classes)
+    if captions:
+        from diffusionlab.data.captions import CaptionedImages, read_sidecars
+
+        return CaptionedImages(data, read_sidecars(kept))
+    return data
 
 
 class CorruptImage(Exception):

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from diffusionlab.data.archive import CorruptFile, FileIndex
+from diffusionlab.data.captions import CAPTION_SUFFIX, captions_from_metadata, sidecar_names
 from diffusionlab.data.lazy import LazyDataset, uint8_to_float
 from diffusionlab.errors import ConfigError
 
@@ -53,6 +54,9 @@ class ImageArchive(LazyDataset):
 
     ``resolution`` / ``channels`` None: taken from the first image; set, they must match it.
     ``num_classes`` None: from the labels (``max + 1``, 0 when unlabelled); 0 ignores labels.
+    ``captions``: each image's captions (``cond=text``) from a ``captions`` table in
+    ``dataset.json`` or, without one, a sidecar ``.txt`` per image (data/captions.py), read per
+    sample like the images.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class ImageArchive(LazyDataset):
         channels: int | None = None,
         num_classes: int | None = None,
         skip_corrupt: bool = False,
+        captions: bool = False,
     ) -> None:
         if not path:
             raise ConfigError(
@@ -106,6 +111,43 @@ class ImageArchive(LazyDataset):
             if num_classes is not None
             else (0 if self.label_array is None else int(self.label_array.max()) + 1)
         )
+        self.caption_table = self.text_index = self.text_of = None
+        if captions:
+            self._index_captions()
+
+    def _index_captions(self) -> None:
+        """The captions table of ``dataset.json``, else the sidecar ``.txt`` of every image."""
+        where = f"dataset.path={str(self.path)!r}"
+        names = list(self.index.names)
+        self.caption_table = captions_from_metadata(self.index.metadata_bytes, names, where)
+        if self.caption_table is not None:
+            return
+        try:
+            self.text_index = FileIndex(self.path, (CAPTION_SUFFIX,))
+        except ConfigError:
+            raise ConfigError(
+                f"dataset.captions=true but {where} has no captions: a sidecar {CAPTION_SUFFIX} "
+                'per image or a "captions" table in dataset.json'
+            ) from None
+        self.text_of = sidecar_names(names, list(self.text_index.names), where)
+
+    @property
+    def captioned(self) -> bool:
+        return self.caption_table is not None or self.text_index is not None
+
+    def caption(self, i: int, choice: int = 0) -> str:
+        """One of image ``i``'s captions, picked by ``choice`` (a sample's caption seed)."""
+        if self.caption_table is not None:
+            return self.caption_table.caption(i, choice)
+        k = int(self.text_of[i])
+        try:
+            text = self.text_index.read(k).decode("utf-8")
+        except (CorruptFile, UnicodeDecodeError) as e:
+            raise ConfigError(f"caption {self.text_index.where(k)} does not read ({e})") from None
+        caps = [c.strip() for c in text.splitlines() if c.strip()]
+        if not caps:
+            raise ConfigError(f"caption {self.text_index.where(k)} is empty")
+        return caps[choice % len(caps)]
 
     def _first_readable(self) -> bytes:
         """The first image's bytes (the first readable one with ``skip_corrupt``)."""

@@ -12,13 +12,19 @@ batch is split, and a resumed run replays the uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from diffusionlab.diffusion.seeds import EPOCH_STREAM, FLIP_STREAM, NOISE_STREAM, sample_seed
+from diffusionlab.diffusion.seeds import (
+    CAPTION_STREAM,
+    EPOCH_STREAM,
+    FLIP_STREAM,
+    NOISE_STREAM,
+    sample_seed,
+)
 from diffusionlab.errors import ConfigError
 
 
@@ -111,17 +117,25 @@ class StepSampler:
 
 class PositionedDataset(Dataset):
     """Reads ``(index, position)`` keys: returns ``(x, label, noise seed)``; flips images
-    horizontally with probability 1/2 from the sample's own seed when ``hflip``. With ``views``
-    a fourth item names the un-augmented view the sample is, ``2 * index + flipped`` (per-image
-    caches of frozen-encoder features, training/repa.py)."""
+    horizontally with probability 1/2 from the sample's own seed when ``hflip``. Extras come
+    fourth, as a dict: with ``views`` the un-augmented view the sample is, ``2 * index + flipped``
+    (per-image caches of frozen-encoder features, training/repa.py); with ``caption(index,
+    choice)`` (a captioned dataset) the sample's caption, picked among the image's captions by
+    its own seed."""
 
     def __init__(
-        self, dataset: Dataset, seed: int, hflip: bool = False, views: bool = False
+        self,
+        dataset: Dataset,
+        seed: int,
+        hflip: bool = False,
+        views: bool = False,
+        caption: Callable[[int, int], str] | None = None,
     ) -> None:
         self.dataset = dataset
         self.seed = seed
         self.hflip = hflip
         self.views = views
+        self.caption = caption
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -135,4 +149,11 @@ class PositionedDataset(Dataset):
         if flip:
             x = x.flip(-1)
         seed = sample_seed(self.seed, position, NOISE_STREAM)
-        return (x, label, seed, 2 * index + flip) if self.views else (x, label, seed)
+        extras: dict = {}
+        if self.views:
+            extras["views"] = 2 * index + flip
+        if self.caption is not None:
+            extras["captions"] = self.caption(
+                index, sample_seed(self.seed, position, CAPTION_STREAM)
+            )
+        return (x, label, seed, extras) if extras else (x, label, seed)

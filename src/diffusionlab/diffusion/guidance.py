@@ -54,12 +54,23 @@ def conditional_pair(denoise: LabelDenoise, class_labels: Tensor) -> tuple[Denoi
     )
 
 
+def _cat(a: Tensor | dict, b: Tensor | dict) -> Tensor | dict:
+    """Two batches of conditions, one after the other (a dict: per network input)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
 def label_cfg_denoiser(
-    denoise: LabelDenoise, class_labels: Tensor, w: float, uncond: Tensor | None = None
+    denoise: LabelDenoise,
+    class_labels: Tensor | dict,
+    w: float,
+    uncond: Tensor | dict | None = None,
 ) -> Denoise:
     """CFG from one conditional denoiser ``denoise(x, sigma, cond)``, evaluating cond and uncond
-    in one batch of 2B; ``uncond`` is the unconditional input (default: the all-zeros one-hot)."""
-    labels = torch.cat([class_labels, torch.zeros_like(class_labels) if uncond is None else uncond])
+    in one batch of 2B; ``uncond`` is the unconditional input (default: the all-zeros one-hot).
+    A condition may be a dict of tensors (the inputs of a text or image condition)."""
+    labels = _cat(class_labels, torch.zeros_like(class_labels) if uncond is None else uncond)
 
     def guided(x: Tensor, sigma: Tensor) -> Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)

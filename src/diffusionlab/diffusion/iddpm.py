@@ -184,12 +184,17 @@ class HybridLoss(DiffusionLoss):
         n: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        cond: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(weighted MSE, L_t in bits/dim) per sample at noise levels ``sigma`` with noise ``n``."""
         x0_32 = x0.float()
         noisy = x0_32 + sigma.view(-1, *([1] * (x0.ndim - 1))) * n
         d, v = denoiser.forward_with_variance(
-            noisy.to(x0.dtype), sigma, class_labels=class_labels, augment_labels=augment_labels
+            noisy.to(x0.dtype),
+            sigma,
+            class_labels=class_labels,
+            augment_labels=augment_labels,
+            **(cond or {}),
         )
         grid = _grid(self.schedule).float()
         t = self.schedule.sigma_to_index(sigma).to(x0.device)
@@ -203,11 +208,12 @@ class HybridLoss(DiffusionLoss):
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
         generator: Generator = None,
+        cond: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Returns (per-sample L_hybrid ``[B]``, sigma ``[B]``)."""
         sigma = self.noise.sample(x0.shape[0], self.schedule, generator, device=x0.device)
         n = randn_like(x0.float(), generator)
-        mse, vb = self.terms(denoiser, x0, sigma, n, class_labels, augment_labels)
+        mse, vb = self.terms(denoiser, x0, sigma, n, class_labels, augment_labels, cond)
         return mse + self.vlb_weight * (self.schedule.t_max + 1) * vb, sigma
 
     def extra_repr(self) -> str:

@@ -51,14 +51,18 @@ class DiffusionLoss(nn.Module):
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
         generator: Generator = None,
+        cond: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Returns (per-sample loss ``[B]``, sigma ``[B]``); float32 whatever ``x0``'s dtype."""
+        """Returns (per-sample loss ``[B]``, sigma ``[B]``); float32 whatever ``x0``'s dtype.
+        ``cond``: further network inputs (a text or image condition, ``networks/context.py``)."""
         sigma = self.noise.sample(x0.shape[0], self.schedule, generator, device=x0.device)
         x0_32 = x0.float()
         n = randn_like(x0_32, generator)
         sigma_b = sigma.view(-1, *([1] * (x0.ndim - 1)))
         noisy = (x0_32 + sigma_b * n).to(x0.dtype)
-        d = denoiser(noisy, sigma, class_labels=class_labels, augment_labels=augment_labels)
+        d = denoiser(
+            noisy, sigma, class_labels=class_labels, augment_labels=augment_labels, **(cond or {})
+        )
         return self.weighted_error(d, x0_32, sigma), sigma
 
     def weighted_error(self, d: Tensor, x0: Tensor, sigma: Tensor) -> Tensor:

@@ -231,6 +231,9 @@ def _per_sample_sigma(sigma: Tensor | float, x: Tensor, dtype: torch.dtype) -> T
 class Denoiser(nn.Module):
     """D(x~; sigma) = c_skip x~ + c_out F(c_in x~, c_noise, class_labels, augment_labels).
 
+    Further keyword arguments (``context``, ``context_mask``, ``cond_vector``, ``cond_image``: the
+    condition inputs of text- and image-conditioned networks) go to F unchanged.
+
     F runs in its parameters' dtype and gets a float32 ``[B]`` c_noise; coefficients and the skip
     connection run in float32 (float64 when ``x`` is float64); the result has ``x``'s dtype.
     With ``learned_variance`` F outputs 2C channels: D uses the first C and the second C, the
@@ -257,8 +260,9 @@ class Denoiser(nn.Module):
         sigma: Tensor | float,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        **cond: Tensor,
     ) -> Tensor:
-        d, v = self.forward_with_variance(x, sigma, class_labels, augment_labels)
+        d, v = self.forward_with_variance(x, sigma, class_labels, augment_labels, **cond)
         if v is not None:
             d.learned_variance = v
         return d
@@ -269,6 +273,7 @@ class Denoiser(nn.Module):
         sigma: Tensor | float,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        **cond: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         """(D, v): v is the network's variance output (None without ``learned_variance``)."""
         work = torch.promote_types(x.dtype, torch.float32)
@@ -286,6 +291,7 @@ class Denoiser(nn.Module):
             c_noise.float(),
             class_labels=class_labels,
             augment_labels=augment_labels,
+            **cond,
         )
         v = None
         if self.parameterization.learned_variance:

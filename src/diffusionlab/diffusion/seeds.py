@@ -22,12 +22,17 @@ MASK64 = (1 << 64) - 1
 NOISE_STREAM = 0
 FLIP_STREAM = 1
 EPOCH_STREAM = 2
+CAPTION_STREAM = 16  # data: which of an image's captions a sample reads (docs/conditioning.md)
 
 # named streams of the batched generator (sequential draws use 0, 1, 2, ...)
 NAMED_STREAMS = 1 << 31
 AUGMENT_UNIFORM_STREAM = NAMED_STREAMS + 0  # data/augment.py: 16 uniforms per sample
 AUGMENT_NORMAL_STREAM = NAMED_STREAMS + 1  # data/augment.py: 4 normals per sample
 LABEL_DROPOUT_STREAM = NAMED_STREAMS + 2  # networks: classifier-free guidance label dropout
+# text and image conditions (training/conditions.py): condition dropout, noise augmentation
+COND_DROPOUT_STREAM = NAMED_STREAMS + 16
+COND_AUG_LEVEL_STREAM = NAMED_STREAMS + 17
+COND_AUG_NOISE_STREAM = NAMED_STREAMS + 18
 DROPOUT_STREAM = NAMED_STREAMS + (1 << 16)  # + the index of the network's dropout layer
 
 

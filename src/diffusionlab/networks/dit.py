@@ -4,11 +4,13 @@ Transformers"); sizes S/B/L/XL of the paper's Table 1 through ``DIT_SIZES``."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusionlab.networks.context import TokenCrossAttention, concat_image, context_or_empty
 from diffusionlab.networks.layers import condition_labels, run_block
 
 #: depth, hidden size, heads of DiT Table 1.
@@ -84,6 +86,11 @@ class DiT(nn.Module):
     patch_size=2)`` is DiT-XL/2; the paper's counts use ``out_channels = 2 * in_channels``
     (learned sigma). ``checkpointing=True`` recomputes each transformer block's activations in
     the backward pass (less memory, more compute).
+
+    Condition inputs (``networks/context.py``): with ``context_dim`` every transformer block is
+    followed by cross-attention to the context (PixArt-alpha; the DiT works at one token
+    resolution, so ``cross_attn_resolutions`` only needs to be non-empty, as for the U-Nets);
+    ``cond_vector`` joins the noise embedding, ``cond_image`` is concatenated before patchifying.
     """
 
     def __init__(
@@ -102,6 +109,10 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         frequency_embedding_size: int = 256,
         checkpointing: bool = False,
+        context_dim: int = 0,
+        vector_dim: int = 0,
+        cond_channels: int = 0,
+        cross_attn_resolutions: Sequence[int] = (),
     ) -> None:
         if size not in DIT_SIZES:
             raise ValueError(f"size={size!r}; use one of {sorted(DIT_SIZES)}")
@@ -122,8 +133,14 @@ class DiT(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
         self.checkpointing = checkpointing
         self.grid = img_resolution // patch_size
+        self.context_dim = context_dim
+        self.cond_channels = cond_channels
+        if context_dim and not cross_attn_resolutions:
+            raise ValueError("DiT: context_dim > 0 needs a non-empty cross_attn_resolutions")
 
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.x_embedder = nn.Conv2d(
+            in_channels + cond_channels, hidden_size, patch_size, stride=patch_size
+        )
         self.register_buffer(
             "pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False
         )
@@ -133,6 +150,7 @@ class DiT(nn.Module):
             nn.Parameter(torch.empty(label_dim + 1, hidden_size)) if label_dim else None
         )
         self.map_augment = nn.Linear(augment_dim, hidden_size, bias=False) if augment_dim else None
+        self.map_vector = nn.Linear(vector_dim, hidden_size, bias=False) if vector_dim else None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)
         )
@@ -140,6 +158,11 @@ class DiT(nn.Module):
         self.final_modulation = nn.Linear(hidden_size, 2 * hidden_size)
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.initialize_weights()
+        # after the paper's initialisation: unconditional DiTs keep their exact weights
+        self.xattn = nn.ModuleList(
+            TokenCrossAttention(hidden_size, context_dim, num_heads)
+            for _ in range(depth if context_dim else 0)
+        )
 
     def initialize_weights(self) -> None:
         """DiT sec. 3.2 / reference code: xavier linears, N(0, 0.02) embeddings, adaLN-Zero."""
@@ -167,12 +190,17 @@ class DiT(nn.Module):
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cond_vector: Tensor | None = None,
+        cond_image: Tensor | None = None,
     ) -> Tensor:
         b, _, hgt, wid = x.shape
         if hgt != self.img_resolution or wid != self.img_resolution:
             raise ValueError(
                 f"input is {hgt}x{wid} but the DiT was built for img_resolution={self.img_resolution}"
             )
+        x = concat_image(x, cond_image, self.cond_channels)
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         t = timestep_embedding(c_noise, self.frequency_embedding_size)
         c = self.t_mlp1(F.silu(self.t_mlp0(t)))
@@ -182,8 +210,13 @@ class DiT(nn.Module):
             c = c + torch.cat([y, null], dim=1) @ self.label_table
         if self.map_augment is not None and augment_labels is not None:
             c = c + self.map_augment(augment_labels.float())
-        for block in self.blocks:
+        if self.map_vector is not None and cond_vector is not None:
+            c = c + self.map_vector(cond_vector.to(c.dtype))
+        ctx = context_or_empty(context, context_mask, x, self.context_dim) if self.xattn else ()
+        for i, block in enumerate(self.blocks):
             x = run_block(block, self.checkpointing, x, c)
+            if self.xattn:
+                x = run_block(self.xattn[i], self.checkpointing, x, *ctx)
         shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=2)
         x = self.final_linear(self.norm_final(x).to(x.dtype) * (1 + scale) + shift)
         p, g = self.patch_size, self.grid

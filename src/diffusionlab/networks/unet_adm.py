@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusionlab.networks.context import (
+    CrossAttention2d,
+    concat_image,
+    context_or_empty,
+    cross_attention_names,
+)
 from diffusionlab.networks.layers import (
     Conv2d,
     GroupNorm,
@@ -28,7 +34,10 @@ from diffusionlab.networks.layers import (
 class DhariwalUNet(nn.Module):
     """ADM: AdaGN residual blocks, 64-channel attention heads, class embedding added to time.
 
-    ``F(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
+    ``F(x, c_noise, class_labels=None, augment_labels=None, context=None, context_mask=None,
+    cond_vector=None, cond_image=None) -> [B, out_channels, H, W]``; the condition inputs of
+    ``networks/context.py`` exist when ``context_dim`` (cross-attention with 64-channel heads
+    after the blocks at ``cross_attn_resolutions``), ``vector_dim`` or ``cond_channels`` is set.
     Initialisation as ADM: kaiming-uniform scaled by sqrt(1/3) (PyTorch's default), zero output
     convolutions of every residual branch and of the network. ``checkpointing=True``
     recomputes each block's activations in the backward pass (less memory, more compute).
@@ -49,6 +58,10 @@ class DhariwalUNet(nn.Module):
         attn_resolutions: Sequence[int] = (32, 16, 8),
         dropout: float = 0.10,
         checkpointing: bool = False,
+        context_dim: int = 0,
+        vector_dim: int = 0,
+        cond_channels: int = 0,
+        cross_attn_resolutions: Sequence[int] = (),
     ) -> None:
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
@@ -56,6 +69,8 @@ class DhariwalUNet(nn.Module):
         self.label_dim = label_dim
         self.label_dropout = label_dropout
         self.checkpointing = checkpointing
+        self.context_dim = context_dim
+        self.cond_channels = cond_channels
         emb_channels = model_channels * channel_mult_emb
         init = dict(
             init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3)
@@ -86,9 +101,14 @@ class DhariwalUNet(nn.Module):
             if label_dim
             else None
         )
+        self.map_vector = (
+            Linear(vector_dim, emb_channels, bias=False, init_mode="kaiming_normal")
+            if vector_dim
+            else None
+        )
 
         self.enc = nn.ModuleDict()
-        cout = in_channels
+        cout = in_channels + cond_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -118,6 +138,19 @@ class DhariwalUNet(nn.Module):
                 )
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
+        names = cross_attention_names(
+            list(self.enc),
+            list(self.dec),
+            list(cross_attn_resolutions),
+            context_dim,
+            "DhariwalUNet",
+        )
+        self.xattn = nn.ModuleDict()
+        for name in names:
+            part, block = name.split("_", 1)
+            c = (self.enc if part == "enc" else self.dec)[block].out_channels
+            heads = max(1, c // 64)
+            self.xattn[name] = CrossAttention2d(c, context_dim, heads, 1e-5, init, init_zero)
 
     def forward(
         self,
@@ -125,6 +158,10 @@ class DhariwalUNet(nn.Module):
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cond_vector: Tensor | None = None,
+        cond_image: Tensor | None = None,
     ) -> Tensor:
         emb = self.map_noise(c_noise)
         if self.map_augment is not None and augment_labels is not None:
@@ -134,15 +171,23 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_label(
                 condition_labels(class_labels, x, self.label_dim, self.label_dropout, self.training)
             )
+        if self.map_vector is not None and cond_vector is not None:
+            emb = emb + self.map_vector(cond_vector.float())
         emb = F.silu(emb)
+        x = concat_image(x, cond_image, self.cond_channels)
+        ctx = context_or_empty(context, context_mask, x, self.context_dim) if self.xattn else ()
 
         skips = []
-        for block in self.enc.values():
+        for name, block in self.enc.items():
             is_block = isinstance(block, UNetBlock)
             x = run_block(block, self.checkpointing, x, emb) if is_block else block(x)
+            if f"enc_{name}" in self.xattn:
+                x = run_block(self.xattn[f"enc_{name}"], self.checkpointing, x, *ctx)
             skips.append(x)
-        for block in self.dec.values():
+        for name, block in self.dec.items():
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = run_block(block, self.checkpointing, x, emb)
+            if f"dec_{name}" in self.xattn:
+                x = run_block(self.xattn[f"dec_{name}"], self.checkpointing, x, *ctx)
         return self.out_conv(F.silu(self.out_norm(x)))

@@ -12,6 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusionlab.networks.context import (
+    attend,
+    concat_image,
+    context_or_empty,
+    cross_attention_names,
+    with_null_token,
+)
 from diffusionlab.networks.layers import (
     Dropout,
     check_resolution,
@@ -163,6 +170,34 @@ class Block(nn.Module):
         return x
 
 
+class MPCrossAttention(nn.Module):
+    """Magnitude-preserving cross-attention: pixels attend to the unit-RMS context tokens (a
+    learned null token first), queries and keys pixel-normalised per head as EDM2's
+    self-attention (Fig. 21), the result blended in by ``mp_sum(x, y, attn_balance)``."""
+
+    def __init__(
+        self, channels: int, context_dim: int, channels_per_head: int, attn_balance: float
+    ) -> None:
+        super().__init__()
+        self.num_heads = max(1, channels // channels_per_head)
+        self.attn_balance = attn_balance
+        self.q = MPConv(channels, channels, [1, 1])
+        self.kv = MPConv(context_dim, 2 * channels, [])
+        self.proj = MPConv(channels, channels, [1, 1])
+        self.null = nn.Parameter(torch.randn(context_dim))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        ctx, keep = with_null_token(context.to(x.dtype), mask, self.null)
+        ctx = normalize(ctx, dim=-1)
+        heads = self.num_heads
+        q = normalize(self.q(x).reshape(b, heads, -1, h * w), dim=2).transpose(-1, -2)
+        k, v = self.kv(ctx).reshape(b, ctx.shape[1], 2, heads, -1).permute(2, 0, 3, 1, 4)
+        y = attend(q, normalize(k, dim=-1), v, keep)
+        y = self.proj(y.transpose(-1, -2).reshape(b, c, h, w))
+        return mp_sum(x, y, t=self.attn_balance)
+
+
 class EDM2UNet(nn.Module):
     """EDM2 U-Net: ``F(x, c_noise, class_labels, augment_labels, return_logvar=False)``.
 
@@ -171,7 +206,10 @@ class EDM2UNet(nn.Module):
     (``logvar_channels=0`` drops the head, e.g. for DDP runs that never use it).
     ``augment_labels`` (not in EDM2) enter the embedding through a bias-free MPConv, so zero
     labels and ``None`` agree. ``checkpointing=True`` recomputes each block's activations in
-    the backward pass (less memory, more compute).
+    the backward pass (less memory, more compute). Condition inputs (``networks/context.py``):
+    ``context_dim`` adds :class:`MPCrossAttention` after the blocks at ``cross_attn_resolutions``,
+    ``vector_dim`` an MPConv of the vector blended into the embedding like the label,
+    ``cond_channels`` the resized image concatenated to the input.
     """
 
     def __init__(
@@ -198,6 +236,10 @@ class EDM2UNet(nn.Module):
         attn_balance: float = 0.3,
         clip_act: float | None = 256,
         checkpointing: bool = False,
+        context_dim: int = 0,
+        vector_dim: int = 0,
+        cond_channels: int = 0,
+        cross_attn_resolutions: Sequence[int] = (),
     ) -> None:
         check_resolution(img_resolution, len(channel_mult))
         super().__init__()
@@ -207,6 +249,8 @@ class EDM2UNet(nn.Module):
         self.label_balance = label_balance
         self.concat_balance = concat_balance
         self.checkpointing = checkpointing
+        self.context_dim = context_dim
+        self.cond_channels = cond_channels
         block_kwargs = dict(
             resample_filter=resample_filter,
             channels_per_head=channels_per_head,
@@ -226,8 +270,10 @@ class EDM2UNet(nn.Module):
         self.logvar_fourier = MPFourier(logvar_channels) if logvar_channels else None
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[]) if logvar_channels else None
 
+        self.emb_vector = MPConv(vector_dim, cemb, kernel=[]) if vector_dim else None
+
         self.enc = nn.ModuleDict()
-        cout = in_channels + 1
+        cout = in_channels + cond_channels + 1
         for level, channels in enumerate(cblock):
             res = img_resolution >> level
             if level == 0:
@@ -262,6 +308,14 @@ class EDM2UNet(nn.Module):
                     cin, cout, cemb, flavor="dec", attention=res in attn_resolutions, **block_kwargs
                 )
         self.out_conv = MPConv(cout, out_channels, kernel=[3, 3])
+        names = cross_attention_names(
+            list(self.enc), list(self.dec), list(cross_attn_resolutions), context_dim, "EDM2UNet"
+        )
+        self.xattn = nn.ModuleDict()
+        for name in names:
+            part, block = name.split("_", 1)
+            c = (self.enc if part == "enc" else self.dec)[block].out_channels
+            self.xattn[name] = MPCrossAttention(c, context_dim, channels_per_head, attn_balance)
 
     def forward(
         self,
@@ -270,6 +324,10 @@ class EDM2UNet(nn.Module):
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
         return_logvar: bool = False,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cond_vector: Tensor | None = None,
+        cond_image: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         emb = self.emb_noise(self.emb_fourier(c_noise))
         if self.emb_label is not None:
@@ -281,17 +339,27 @@ class EDM2UNet(nn.Module):
             )
         if self.emb_augment is not None and augment_labels is not None:
             emb = emb + self.emb_augment(augment_labels.float())
+        if self.emb_vector is not None:  # None: the zero vector (what condition dropout trains)
+            dim = self.emb_vector.weight.shape[1]
+            vector = emb.new_zeros(emb.shape[0], dim) if cond_vector is None else cond_vector
+            emb = mp_sum(emb, self.emb_vector(normalize(vector.float())), t=self.label_balance)
         emb = mp_silu(emb)
 
+        x = concat_image(x, cond_image, self.cond_channels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        ctx = context_or_empty(context, context_mask, x, self.context_dim) if self.xattn else ()
         skips = []
         for name, block in self.enc.items():
             x = block(x) if "conv" in name else run_block(block, self.checkpointing, x, emb)
+            if f"enc_{name}" in self.xattn:
+                x = run_block(self.xattn[f"enc_{name}"], self.checkpointing, x, *ctx)
             skips.append(x)
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = run_block(block, self.checkpointing, x, emb)
+            if f"dec_{name}" in self.xattn:
+                x = run_block(self.xattn[f"dec_{name}"], self.checkpointing, x, *ctx)
         out = self.out_conv(x, gain=self.out_gain)
         if not return_logvar:
             return out

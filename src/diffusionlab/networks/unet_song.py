@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusionlab.networks.context import (
+    CrossAttention2d,
+    concat_image,
+    context_or_empty,
+    cross_attention_names,
+)
 from diffusionlab.networks.layers import (
     Conv2d,
     FourierEmbedding,
@@ -29,7 +35,10 @@ from diffusionlab.networks.layers import (
 class SongUNet(nn.Module):
     """DDPM++ (``embedding_type='positional'``) or NCSN++ (``'fourier'``, residual encoder).
 
-    ``F(x, c_noise, class_labels=None, augment_labels=None) -> [B, out_channels, H, W]``.
+    ``F(x, c_noise, class_labels=None, augment_labels=None, context=None, context_mask=None,
+    cond_vector=None, cond_image=None) -> [B, out_channels, H, W]``; the condition inputs of
+    ``networks/context.py`` exist when ``context_dim`` (cross-attention after the blocks at
+    ``cross_attn_resolutions``), ``vector_dim`` or ``cond_channels`` is set.
     Initialisation as in Song et al.: xavier-uniform, near-zero (1e-5) last convs, attention
     qkv scaled by sqrt(0.2). ``checkpointing=True`` recomputes each block's activations in the
     backward pass (less memory, about a third more compute).
@@ -55,6 +64,10 @@ class SongUNet(nn.Module):
         decoder_type: str = "standard",
         resample_filter: Sequence[float] = (1, 1),
         checkpointing: bool = False,
+        context_dim: int = 0,
+        vector_dim: int = 0,
+        cond_channels: int = 0,
+        cross_attn_resolutions: Sequence[int] = (),
     ) -> None:
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type={embedding_type!r}; use 'positional' or 'fourier'")
@@ -68,6 +81,8 @@ class SongUNet(nn.Module):
         self.label_dim = label_dim
         self.label_dropout = label_dropout
         self.checkpointing = checkpointing
+        self.context_dim = context_dim
+        self.cond_channels = cond_channels
         resample_filter = list(resample_filter)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
@@ -98,12 +113,15 @@ class SongUNet(nn.Module):
         self.map_augment = (
             Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         )
+        self.map_vector = (
+            Linear(vector_dim, noise_channels, bias=False, **init) if vector_dim else None
+        )
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
         # Encoder.
         self.enc = nn.ModuleDict()
-        cout = caux = in_channels
+        cout = caux = in_channels + cond_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -157,12 +175,34 @@ class SongUNet(nn.Module):
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout, eps=1e-6)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, **init_zero)
 
+        # Cross-attention to the context after the blocks at cross_attn_resolutions.
+        names = cross_attention_names(
+            list(self.enc), list(self.dec), list(cross_attn_resolutions), context_dim, "SongUNet"
+        )
+        self.xattn = nn.ModuleDict(
+            {
+                name: CrossAttention2d(
+                    self._block(name).out_channels, context_dim, 1, 1e-6, init_attn, init_zero
+                )
+                for name in names
+            }
+        )
+
+    def _block(self, name: str) -> nn.Module:
+        """The block of a cross-attention name ``enc_<block>`` / ``dec_<block>``."""
+        part, block = name.split("_", 1)
+        return (self.enc if part == "enc" else self.dec)[block]
+
     def forward(
         self,
         x: Tensor,
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cond_vector: Tensor | None = None,
+        cond_image: Tensor | None = None,
     ) -> Tensor:
         emb = self.map_noise(c_noise)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # sin first, as Song
@@ -173,7 +213,11 @@ class SongUNet(nn.Module):
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.float())
+        if self.map_vector is not None and cond_vector is not None:
+            emb = emb + self.map_vector(cond_vector.float())
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        x = concat_image(x, cond_image, self.cond_channels)
+        ctx = context_or_empty(context, context_mask, x, self.context_dim) if self.xattn else ()
 
         skips = []
         aux = x
@@ -187,6 +231,8 @@ class SongUNet(nn.Module):
             else:
                 is_block = isinstance(block, UNetBlock)
                 x = run_block(block, self.checkpointing, x, emb) if is_block else block(x)
+                if f"enc_{name}" in self.xattn:
+                    x = run_block(self.xattn[f"enc_{name}"], self.checkpointing, x, *ctx)
                 skips.append(x)
 
         aux = tmp = None
@@ -202,4 +248,6 @@ class SongUNet(nn.Module):
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = run_block(block, self.checkpointing, x, emb)
+                if f"dec_{name}" in self.xattn:
+                    x = run_block(self.xattn[f"dec_{name}"], self.checkpointing, x, *ctx)
         return aux

@@ -17,10 +17,10 @@ from torch import Tensor
 from diffusionlab.diffusion.guidance import check_guidance_interval
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import ConfigError
+from diffusionlab.sampling.conditioning import condition_of
 from diffusionlab.sampling.grid_record import (
     GridRecord,
     draw_grid,
-    grid_labels,
     record_path,
     write_record,
 )
@@ -51,7 +51,9 @@ class SampleGrid(L.Callback):
     the run ends there with :class:`~diffusionlab.stopping.Stopped`.
 
     Class-conditional models get label ``i % label_dim`` for sample ``i`` (one class per column
-    when ``num_samples`` is a multiple of ``label_dim``).
+    when ``num_samples`` is a multiple of ``label_dim``); text-conditioned ones prompt ``i % P``
+    of their ``cond.prompts``; image-conditioned ones upsample the first ``num_samples`` training
+    images.
 
     With ``guidance`` != 1, the EMA denoiser at step ``round(guide_at * max_steps)`` is kept as an
     autoguidance guide (Karras et al. 2024, eq. 1: D_guide + w (D - D_guide), the guide being the
@@ -97,6 +99,15 @@ class SampleGrid(L.Callback):
         self._guide: Denoiser | None = None
         self._guide_state: dict[str, Tensor] | None = None
 
+    def _values(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor | None:
+        """The grid's condition values (class ``i % label_dim`` for sample ``i``, ...); None
+        for unconditional models."""
+        condition = condition_of(pl_module)
+        if condition is None:
+            return None
+        data = getattr(getattr(trainer, "datamodule", None), "dataset", None)
+        return condition.grid_values(self.num_samples, pl_module.device, data)
+
     def _guide_denoiser(self, pl_module: L.LightningModule) -> Denoiser | None:
         """The guide, rebuilt from the checkpoint state after a resume; None before it is taken."""
         if self._guide is None and self._guide_state is not None:
@@ -126,13 +137,13 @@ class SampleGrid(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         seeds = list(range(self.seed, self.seed + self.num_samples))
-        labels = grid_labels(self.num_samples, pl_module.label_dim)
+        values = self._values(trainer, pl_module)
         spec = self.sampler or SamplerSpec.of(pl_module.hparams.sampler)
-        x = draw_grid(pl_module, seeds, labels, spec)
+        x = draw_grid(pl_module, seeds, values, spec)
         guide = self._guide_denoiser(pl_module)
         if guide is not None:
             guided = draw_grid(
-                pl_module, seeds, labels, spec, guide, self.guidance, self.guidance_interval
+                pl_module, seeds, values, spec, guide, self.guidance, self.guidance_interval
             )
         pl_module.train(was_training)
         if not trainer.is_global_zero:
@@ -145,7 +156,8 @@ class SampleGrid(L.Callback):
         record = GridRecord(
             step=trainer.global_step,
             seeds=tuple(seeds),
-            labels=labels,
+            # class labels or prompt indices; None for images (an image-conditioned grid)
+            labels=tuple(values.tolist()) if values is not None and values.ndim == 1 else None,
             sampler=spec.to_dict(),
             channels_last=_channels_last(pl_module),
             images=images,
@@ -180,7 +192,9 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if received():  # stopped by a signal, not finished: no final grid
             return
-        log.info("end of training (step %d): sample grid of %d", trainer.global_step, self.num_samples)
+        log.info(
+            "end of training (step %d): sample grid of %d", trainer.global_step, self.num_samples
+        )
         self._sample(trainer, pl_module)  # a stop signal here ends the run (Stopped)
 
     def state_dict(self) -> dict[str, Any]:

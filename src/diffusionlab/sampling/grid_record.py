@@ -55,35 +55,30 @@ class GridRecord:
             raise ConfigError(f"{path} is not a sample grid record ({e})") from None
 
 
-def grid_labels(n: int, label_dim: int) -> tuple[int, ...] | None:
-    """Class ``i % label_dim`` for sample ``i`` (one class per column when ``n`` is a multiple of
-    ``label_dim``); None for unconditional models."""
-    return tuple(i % label_dim for i in range(n)) if label_dim else None
-
-
 def draw_grid(
     module: DiffusionModule,
     seeds: Sequence[int],
-    labels: Sequence[int] | None,
+    values: Sequence[int] | Tensor | None,
     sampler: SamplerSpec | dict | None,
     guide: DiffusionModule | nn.Module | None = None,
     guidance: float = 1.0,
     guidance_interval: Sequence[float] | None = None,
 ) -> Tensor:
-    """The grid of ``seeds`` with class ``labels`` (EMA weights, one batch): what the training
-    callback draws and what ``sample.py from_run=`` draws again."""
-    condition = condition_of(module)
-    cond = None
-    if condition is not None and labels is not None:
-        cond = condition.encode(torch.tensor(list(labels), device=module.device))
+    """The grid of ``seeds`` with condition ``values`` (class labels, prompt indices or low-res
+    images; EMA weights, one batch): what the training callback draws and what ``sample.py
+    from_run=`` draws again."""
+    if values is not None and not isinstance(values, Tensor):
+        values = torch.tensor(list(values))
+    if values is not None and condition_of(module) is None:
+        values = None  # an unconditional model ignores them
     return generate(
         module,
         seeds,
-        class_labels=cond,
         sampler=sampler,
         guide=guide,
         guidance=guidance,
         guidance_interval=guidance_interval,
+        conditions=None if values is None else values.to(module.device),
     )
 
 

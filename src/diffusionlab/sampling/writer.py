@@ -41,12 +41,18 @@ class SampleFolder:
     seed (checkpoint, sampler, guidance, condition): a folder holding images of other settings is
     refused rather than mixed."""
 
-    def __init__(self, outdir: str | os.PathLike, record: dict[str, Any]) -> None:
+    def __init__(self, outdir: str | os.PathLike, record: dict[str, Any], prefix: str = "") -> None:
         self.outdir = Path(outdir)
         self.record = json.loads(json.dumps(record))  # plain JSON values, as read back
+        self.prefix = prefix
+
+    def part(self, prefix: str) -> SampleFolder:
+        """The same folder and record, files named ``<prefix><seed:06d>.png`` (a prompts file's
+        rows: ``p000_``, ``p001_``, ...)."""
+        return SampleFolder(self.outdir, self.record, prefix)
 
     def path(self, seed: int) -> Path:
-        return self.outdir / f"{seed:06d}.png"
+        return self.outdir / f"{self.prefix}{seed:06d}.png"
 
     def check_record(self) -> bool:
         """Raise when the folder holds images of other settings; True when it has a record
@@ -80,7 +86,7 @@ class SampleFolder:
         if not self.outdir.is_dir():
             return set()
         names = set(os.listdir(self.outdir))
-        return {s for s in seeds if f"{s:06d}.png" in names}
+        return {s for s in seeds if self.path(s).name in names}
 
     def write(self, seeds: Sequence[int], x: Tensor) -> None:
         """One PNG per seed of float images ``x`` in [-1, 1] (EDM's rounding to uint8)."""
@@ -115,6 +121,7 @@ class SampleFolder:
         samples: Tensor | None = None,
         labels: Tensor | None = None,
         batch: int = 256,
+        extra: dict[str, np.ndarray] | None = None,
     ) -> Path:
         """``samples.npz`` (``seeds``, ``samples`` as uint8 NHWC images or the float samples of
         2-D data, ``labels`` when conditional), as ``np.savez`` writes it. Without ``samples``
@@ -123,6 +130,7 @@ class SampleFolder:
         arrays: dict[str, np.ndarray] = {"seeds": np.asarray(seeds)}
         if labels is not None:
             arrays["labels"] = labels.numpy()
+        arrays.update(extra or {})  # e.g. each sample's prompt
 
         def write(f) -> None:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:

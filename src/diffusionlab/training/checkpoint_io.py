@@ -14,7 +14,15 @@ from diffusionlab.errors import CheckpointError, TrainingDiverged
 from diffusionlab.files import atomic_write
 
 # hyperparameters that define what the weights mean; a resumed run must match them
-MODEL_KEYS = ("model", "schedule", "parameterization", "data_shape", "label_dim", "latent")
+MODEL_KEYS = (
+    "model",
+    "schedule",
+    "parameterization",
+    "data_shape",
+    "label_dim",
+    "latent",
+    "cond",
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -23,6 +23,13 @@ from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import CheckpointError
 from diffusionlab.networks.autoencoder import LatentDecoder
 from diffusionlab.networks.layers import number_dropout_layers
+from diffusionlab.networks.text_encoders import TextEncoder
+from diffusionlab.training.conditions import (
+    ConditionSettings,
+    build_encoder,
+    build_network,
+    training_inputs,
+)
 from diffusionlab.training.ema import PowerEMA, ema_update
 from diffusionlab.training.ema_snapshots import save_snapshots
 from diffusionlab.training.log_steps import is_logging_step
@@ -52,14 +59,23 @@ class DiffusionModule(L.LightningModule):
         augment: dict | None = None,
         latent: dict | None = None,
         repa: dict | None = None,
+        cond: dict | None = None,
     ) -> None:
         super().__init__()
         # the app logs the whole run config; these hparams only rebuild the module from checkpoints
         self.save_hyperparameters(logger=False)
         self.schedule = instantiate(schedule)
-        net = instantiate(model)
+        # cond=text|image (training/conditions.py); class labels go through label_dim
+        self.cond = ConditionSettings.from_config(cond, data_shape)
+        encoder = build_encoder(self.cond)
+        net = build_network(model, self.cond, data_shape, encoder)
         number_dropout_layers(net)  # each dropout layer draws its own per-sample stream
         self.denoiser = Denoiser(net, instantiate(parameterization)(schedule=self.schedule))
+        # a trainable text encoder is part of the denoiser (trained, EMA-averaged, saved with
+        # it); a frozen pretrained one stays outside the weights (reloaded from its folder)
+        if isinstance(encoder, torch.nn.Module):
+            self.denoiser.cond_encoder = encoder
+        self._frozen_encoder = None if isinstance(encoder, torch.nn.Module) else encoder
         self.loss_fn = instantiate(loss)(
             schedule=self.schedule, parameterization=self.denoiser.parameterization
         )
@@ -98,14 +114,22 @@ class DiffusionModule(L.LightningModule):
         classes = torch.arange(self.label_dim, device=labels.device)
         return (labels[:, None] == classes).float()
 
-    def batch_loss(self, batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds[, views])``. Each sample's
+    def text_encoder(self, denoiser: torch.nn.Module | None = None) -> TextEncoder | None:
+        """The text encoder that goes with ``denoiser`` (default: the trained weights): its own
+        trainable encoder, or the frozen pretrained one; None for other condition kinds."""
+        own = getattr(denoiser if denoiser is not None else self.denoiser, "cond_encoder", None)
+        return own if own is not None else self._frozen_encoder
+
+    def batch_loss(self, batch: tuple) -> tuple[Tensor, Tensor]:
+        """(per-sample loss, sigma) of a batch ``(x0, labels, seeds[, extras])``. Each sample's
         sigma, noise, augmentation and dropout masks come from its seed (data/sampler.py) through
         a counter-based generator on the batch's device (diffusion/batched_rng.py): a few kernels
-        for the whole batch, nothing read back to the host. With REPA the loss adds
-        lambda(step) times the alignment of the clean image (REPA eq. 9); ``views`` pick its
-        cached targets."""
-        x0, labels, seeds, *views = batch
+        for the whole batch, nothing read back to the host. ``extras`` (data/datamodule.Collate)
+        holds the captions of a captioned dataset and, with REPA, the views that pick the cached
+        targets. With REPA the loss adds lambda(step) times the alignment of the clean image
+        (REPA eq. 9)."""
+        x0, labels, seeds, *rest = batch
+        extras = rest[0] if rest else {}
         generator = BatchedGenerator(seeds, device=x0.device)
         augment_labels = None
         lam = self.repa.settings.coefficient_at(self.global_step) if self.repa else 0.0
@@ -113,6 +137,12 @@ class DiffusionModule(L.LightningModule):
         with use_generator(generator):
             if self.augment_pipe is not None:
                 x0, augment_labels = self.augment_pipe(x0, generator)
+            cond = {}
+            if self.cond is not None:  # text / image: the condition inputs, some dropped
+                enc = self.text_encoder()
+                cond["cond"] = training_inputs(
+                    self.cond, enc, x0, extras.get("captions"), generator
+                )
             with tap:
                 per_sample, sigma = self.loss_fn(
                     self.denoiser,
@@ -120,9 +150,10 @@ class DiffusionModule(L.LightningModule):
                     class_labels=self.one_hot(labels),
                     augment_labels=augment_labels,
                     generator=generator,
+                    **cond,
                 )
         if lam > 0:
-            align = self.repa.loss(self.repa.tap.value, x0, views[0] if views else None)
+            align = self.repa.loss(self.repa.tap.value, x0, extras.get("views"))
             self._repa_terms = (per_sample.detach(), align.detach())
             per_sample = per_sample + lam * align
         return per_sample, sigma
