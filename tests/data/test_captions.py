@@ -85,13 +85,14 @@ def test_a_samples_caption_comes_from_its_seed_in_the_batches():
     ds = text_mnist(resolution=8, num_classes=10)
     keyed = PositionedDataset(ds, seed=3, caption=ds.caption)
     item = keyed[(5, 100)]
-    assert len(item) == 4 and item[3] in ds.captions(5)
+    assert len(item) == 4 and item[3]["captions"] in ds.captions(5)
     assert keyed[(5, 100)][3] == item[3]  # the same sample reads the same caption
-    wordings = {keyed[(5, p)][3] for p in range(200)}
+    wordings = {keyed[(5, p)][3]["captions"] for p in range(200)}
     assert len(wordings) == len(TEMPLATES)  # every wording is seen over positions
     dm = DiffusionDataModule(ds, batch_size=8, num_workers=0, seed=0)
     dm.captions = True
-    x, y, seeds, caps = next(iter(dm.train_dataloader()))
+    x, y, seeds, extras = next(iter(dm.train_dataloader()))
+    caps = extras["captions"]
     assert x.shape == (8, 1, 8, 8) and len(caps) == 8
     assert all(
         c in [digit_caption(t, int(k)) for t in TEMPLATES] for c, k in zip(caps, y, strict=True)

@@ -117,7 +117,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-prompt-accuracy``: user errors end as one ``error: ...`` line."""
-    run_cli(app)
+    run_cli(app, "prompt_accuracy")
 
 
 if __name__ == "__main__":

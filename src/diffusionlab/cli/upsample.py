@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import run_cli, user_errors_exit
-from diffusionlab.cli.sample import _write_pngs, quote_seeds
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
@@ -46,6 +44,7 @@ from diffusionlab.sampling.upsample import (
     sr_condition,
     upsample,
 )
+from diffusionlab.sampling.writer import SampleFolder
 from diffusionlab.tracking.loggers import finish_wandb_run
 from diffusionlab.tracking.wandb_runs import start_wandb_run
 
@@ -178,7 +177,7 @@ def write_outputs(
     outdir = Path(cfg.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     if cfg.png:
-        _write_pngs(x, seeds, outdir)
+        SampleFolder(outdir, {}).write(seeds, x)
     if cfg.grid:
         save_samples_png(x[:256], outdir / "grid.png")
         k = min(16, x.shape[0])
@@ -223,8 +222,7 @@ def app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``dl-upsample``: user errors end as one ``error: ...`` line."""
-    sys.argv = quote_seeds(sys.argv)
-    run_cli(app)
+    run_cli(app, "upsample")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ APPS: dict[str, str] = {
     "dl-reconstruct-ema": "reconstruct_ema",
     "dl-train-autoencoder": "train_autoencoder",
     "dl-train-extractor": "train_extractor",
+    "dl-upsample": "upsample",
+    "dl-prompt-accuracy": "prompt_accuracy",
 }
 
 # console scripts kept under their old name for one release: old -> new
@@ -119,7 +121,7 @@ _FLAGS_WITH_VALUE = {
 }
 _OVERRIDE = re.compile(r"^(?P<prefix>~|\+\+|\+)?(?P<key>[A-Za-z_][\w.@/-]*)(?P<rest>=.*)?$", re.S)
 # keys whose comma lists are not sweeps (outside -m): quoted
-_QUOTED: dict[str, tuple[str, ...]] = {"sample": ("seeds",)}
+_QUOTED: dict[str, tuple[str, ...]] = {"sample": ("seeds",), "upsample": ("seeds",)}
 
 
 def deprecation(old: str, new: str) -> str:
