@@ -5,7 +5,11 @@ does not fit the sampler, NFE or checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from diffusionlab.files import file_sha256
 from diffusionlab.sampling.checkpoint import load_module
 from diffusionlab.sampling.generator import generate
 from diffusionlab.sampling.images import to_uint8_rgb
+from diffusionlab.stopping import Stopped
 
 from .helpers import compose_train, fast_overrides
 
@@ -178,3 +183,32 @@ def test_training_callbacks_sample_with_a_learned_grid(fitted, tmp_path):
     assert any((tmp_path / "samples").glob("step_*.png"))
     msg = _message(lambda: train(compose_train([*fast_overrides(tmp_path), *sampler], tmp_path)))
     assert "sampler.discretization=learned needs sampler.sigmas_file=<file>" in msg
+
+
+def test_sigterm_stops_the_fit_within_one_network_evaluation(fitted, tmp_path):
+    """A teacher of a million steps (a stand-in for a long fit): SIGTERM, sent once the stop
+    handler is in place, ends dl-fit-grid at its next network evaluation with its line, status
+    143 and no grid file."""
+    ckpt, _ = fitted
+    out = tmp_path / "grid.json"
+    cfg = _compose(
+        "fit_grid",
+        [f"ckpt={ckpt}", "sampler.nfe=4", *FIT, "fit.teacher_nfe=1000000", f"dest={out}"],
+    )
+    default = signal.getsignal(signal.SIGTERM)
+    sent: list[float] = []
+
+    def send() -> None:  # only once fit_grid's handler is installed: never SIGTERM to pytest
+        while signal.getsignal(signal.SIGTERM) is default:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send, daemon=True).start()
+    with pytest.raises(Stopped) as e:
+        fit_grid(cfg)
+    assert time.monotonic() - sent[0] < 10
+    assert e.value.exit_code == 143
+    assert str(e.value).startswith("SIGTERM: stopped fitting the grid of sampler=dpmpp_2m nfe=4")
+    assert not out.exists() and signal.getsignal(signal.SIGTERM) is default

@@ -76,9 +76,10 @@ class Preemption(L.Callback):
 
     def _save(self, trainer: L.Trainer) -> None:
         path = self.dirpath / "last.ckpt"
-        if self._saved_step == trainer.global_step or _checkpointed(trainer, path):
+        if self._saved_step == trainer.global_step:
             return
-        trainer.save_checkpoint(path)
+        if not _checkpointed(trainer, path):  # else the checkpoint callback wrote it at this step
+            trainer.save_checkpoint(path)
         log.warning("%s: saved %s at step %d; stopping", self.signal, path, trainer.global_step)
         self._saved_step = trainer.global_step
 
