@@ -28,6 +28,10 @@ NAMED_STREAMS = 1 << 31
 AUGMENT_UNIFORM_STREAM = NAMED_STREAMS + 0  # data/augment.py: 16 uniforms per sample
 AUGMENT_NORMAL_STREAM = NAMED_STREAMS + 1  # data/augment.py: 4 normals per sample
 LABEL_DROPOUT_STREAM = NAMED_STREAMS + 2  # networks: classifier-free guidance label dropout
+# diffusion/consistency.py: a pair's noise level (t, or iCT's grid index) and the noise direction
+# shared by both points of the pair
+CONSISTENCY_SIGMA_STREAM = NAMED_STREAMS + 256
+CONSISTENCY_NOISE_STREAM = NAMED_STREAMS + 257
 DROPOUT_STREAM = NAMED_STREAMS + (1 << 16)  # + the index of the network's dropout layer
 
 

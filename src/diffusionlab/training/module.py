@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from diffusionlab.diffusion.batched_rng import BatchedGenerator, use_generator
+from diffusionlab.diffusion.losses import StepScheduled
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import CheckpointError
 from diffusionlab.networks.autoencoder import LatentDecoder
@@ -95,6 +96,8 @@ class DiffusionModule(L.LightningModule):
         counter-based generator on the batch's device (diffusion/batched_rng.py): a few kernels
         for the whole batch, nothing read back to the host."""
         x0, labels, seeds = batch
+        if isinstance(self.loss_fn, StepScheduled):  # a curriculum follows the optimizer step
+            self.loss_fn.set_step(self.global_step)
         generator = BatchedGenerator(seeds, device=x0.device)
         augment_labels = None
         with use_generator(generator):
