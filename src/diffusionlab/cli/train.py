@@ -21,7 +21,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
 from diffusionlab.data.lazy import fill_from_files
-from diffusionlab.diffusion.consistency import ConsistencyDistillationLoss
+from diffusionlab.diffusion.consistency import ConsistencyDistillationLoss, ECTLoss
 from diffusionlab.errors import ConfigError
 from diffusionlab.interop.module import init_weights
 from diffusionlab.sampling.checkpoint import load_module
@@ -149,6 +149,19 @@ def check_fits(module: DiffusionModule, shape: tuple[int, ...]) -> None:
         )
 
 
+def check_tuning(module: DiffusionModule, cfg: DictConfig, resuming: bool) -> None:
+    """loss=ect tunes a trained diffusion model (Geng et al. 2024): a fresh run needs its
+    ``init_ckpt``; consistency training from scratch is loss=ict."""
+    loss = module.loss_fn
+    tuning = isinstance(loss, ECTLoss) and not isinstance(loss, ConsistencyDistillationLoss)
+    if tuning and not resuming and not cfg.get("init_ckpt"):
+        raise ConfigError(
+            "init_ckpt: a value is required for loss=ect, which tunes a trained diffusion "
+            "model (a train.py last.ckpt, an NVlabs pickle or a dl-export folder); "
+            "consistency training from scratch is loss=ict"
+        )
+
+
 def attach_teacher(module: DiffusionModule, cfg: DictConfig) -> None:
     """loss=cd: hand the loss its teacher's EMA denoiser, read from ``loss.teacher_ckpt`` or else
     from ``init_ckpt`` (the student starts from its teacher). Read at every start, resumed runs
@@ -188,6 +201,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         check_resumable(ckpt_path, "ckpt_path", module.hparams)
     elif cfg.get("init_ckpt"):  # fine-tune: weights of a checkpoint, NVlabs pickle or export
         init_weights(module, str(cfg.init_ckpt))
+    check_tuning(module, cfg, resuming=bool(ckpt_path))
     attach_teacher(module, cfg)
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(
