@@ -54,6 +54,14 @@ def test_ect_preset_tunes_a_diffusion_checkpoint(tmp_path, teacher):
     assert torch.equal(student.ema(x, 0.002), x)
 
 
+def test_consistency_sampler_refuses_a_diffusion_checkpoint(teacher):
+    from diffusionlab.sampling.generator import DiffusionGenerator
+
+    module = load_module(str(teacher), "cpu")
+    with pytest.raises(ConfigError, match="sampler=consistency samples consistency models"):
+        DiffusionGenerator.from_module(module, {"name": "consistency", "nfe": 1})
+
+
 def test_ect_preset_without_init_ckpt_names_the_key(tmp_path):
     cfg = compose_train(["experiment=ect_mnist", *tiny(tmp_path)], tmp_path)
     with pytest.raises(ConfigError, match="init_ckpt: a value is required"):

@@ -19,6 +19,7 @@ from torch_fidelity.generative_model_base import GenerativeModelBase
 from diffusionlab.diffusion.batched_rng import BatchedGenerator
 from diffusionlab.diffusion.guidance import cfg_denoiser, label_cfg_denoiser
 from diffusionlab.diffusion.noise import Generator, StackedRandomGenerator
+from diffusionlab.diffusion.parameterizations import ConsistencyParam
 from diffusionlab.diffusion.samplers import Denoise
 from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.conditioning import CondDenoise, Condition, condition_of, conditioned
@@ -87,12 +88,24 @@ class DiffusionGenerator(GenerativeModelBase):
             )
         if isinstance(guide, DiffusionModule):
             guide = denoiser_of(guide, use_ema)
+        spec = None if spec is None else SamplerSpec.of(spec)
+        param = module.denoiser.parameterization
+        if (
+            spec is not None
+            and spec.name == "consistency"
+            and not isinstance(param, ConsistencyParam)
+        ):
+            raise ConfigError(
+                f"sampler=consistency samples consistency models (parameterization=consistency); "
+                f"this checkpoint's parameterization is {type(param).__name__}: sample it with an "
+                "ODE or SDE sampler (sampler=heun, edm, dpmpp_2m, ...)"
+            )
         return cls(
             conditioned(denoiser_of(module, use_ema), condition),
             module.schedule,
             module.data_shape,
             condition,
-            None if spec is None else SamplerSpec.of(spec),
+            spec,
             guidance,
             module.device,
             module.decoder,
