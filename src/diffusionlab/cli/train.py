@@ -25,8 +25,11 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
 from diffusionlab.data.lazy import fill_from_files
+from diffusionlab.diffusion.consistency import ConsistencyDistillationLoss, ECTLoss
 from diffusionlab.errors import ConfigError
 from diffusionlab.interop.module import init_weights
+from diffusionlab.sampling.checkpoint import load_module
+from diffusionlab.sampling.generator import denoiser_of
 from diffusionlab.sampling.spec import SamplerSpec, inherit_sampler
 from diffusionlab.stopping import Stopped
 from diffusionlab.tracking.loggers import finish_wandb_run, resolve_wandb_mode
@@ -160,6 +163,41 @@ def check_fits(module: DiffusionModule, shape: tuple[int, ...]) -> None:
         )
 
 
+def check_tuning(module: DiffusionModule, cfg: DictConfig, resuming: bool) -> None:
+    """loss=ect tunes a trained diffusion model (Geng et al. 2024): a fresh run needs its
+    ``init_ckpt``; consistency training from scratch is loss=ict."""
+    loss = module.loss_fn
+    tuning = isinstance(loss, ECTLoss) and not isinstance(loss, ConsistencyDistillationLoss)
+    if tuning and not resuming and not cfg.get("init_ckpt"):
+        raise ConfigError(
+            "init_ckpt: a value is required for loss=ect, which tunes a trained diffusion "
+            "model (a train.py last.ckpt, an NVlabs pickle or a dl-export folder); "
+            "consistency training from scratch is loss=ict"
+        )
+
+
+def attach_teacher(module: DiffusionModule, cfg: DictConfig) -> None:
+    """loss=cd: hand the loss its teacher's EMA denoiser, read from ``loss.teacher_ckpt`` or else
+    from ``init_ckpt`` (the student starts from its teacher). Read at every start, resumed runs
+    too: the teacher is not part of the student's checkpoint."""
+    loss = module.loss_fn
+    if not isinstance(loss, ConsistencyDistillationLoss):
+        return
+    path = loss.teacher_ckpt or cfg.get("init_ckpt")
+    key = "loss.teacher_ckpt" if loss.teacher_ckpt else "init_ckpt"
+    if not path:
+        raise ConfigError("loss=cd needs a teacher: loss.teacher_ckpt=<checkpoint> or init_ckpt=")
+    teacher = load_module(str(path), torch.device("cpu"))
+    if (tuple(teacher.data_shape), teacher.label_dim) != (module.data_shape, module.label_dim):
+        raise ConfigError(
+            f"{key}={str(path)!r} generates {tuple(teacher.data_shape)} with label_dim="
+            f"{teacher.label_dim}; this run trains {module.data_shape} with label_dim="
+            f"{module.label_dim}"
+        )
+    loss.set_teacher(denoiser_of(teacher, use_ema=True))
+    log.info("loss=cd: teacher %s=%s, steps by %s", key, path, loss.teacher_sampler)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train from a composed config; returns the final logged metrics. The W&B run (if any) is
     finished when training ends or fails, so each job of a multirun gets its own."""
@@ -222,6 +260,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         check_resumable(ckpt_path, "resume_ckpt", module.hparams)
     elif cfg.get("init_ckpt"):  # fine-tune: weights of a checkpoint, NVlabs pickle or export
         init_weights(module, str(cfg.init_ckpt))
+    check_tuning(module, cfg, resuming=bool(ckpt_path))
+    attach_teacher(module, cfg)
     if cfg.trainer.get("accumulate_grad_batches", 1) != 1:
         raise ConfigError(
             "trainer.accumulate_grad_batches is derived from data.batch_size (global batch) "

@@ -21,6 +21,8 @@ DISCRETIZATIONS = (
     "linspace",
     "trailing",
     "learned",
+    "consistency",
+    "list",
 )
 
 
@@ -112,6 +114,33 @@ def learned(n: int, sigmas: Any, dtype: torch.dtype = torch.float64) -> Tensor:
     return grid.to(dtype)
 
 
+def consistency(
+    n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """The ``n`` largest sigmas of the (n + 1)-point EDM grid (eq. 5): sigma_max and n - 1 levels
+    between, for multistep consistency sampling (Song et al. 2023, Alg. 1), which re-noises to each
+    level and maps back; the grid's own sigma_min is dropped, where f(x; sigma_min) = x would
+    spend an evaluation on nothing. ``list`` gives chosen levels instead (ECT's 2-step 80, 0.821)."""
+    _check_n(n)
+    return _append_zero(karras(n + 1, sigma_min, sigma_max, rho, dtype)[:n])
+
+
+def given(n: int, sigmas: Any, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A chosen list of ``n`` decreasing positive sigmas (the final 0 may be left out)."""
+    _check_n(n)
+    if sigmas is None:
+        raise ValueError("discretization 'list' needs the sigmas (sampler.sigmas=[80, 0.821])")
+    grid = torch.as_tensor([float(s) for s in sigmas], dtype=torch.float64)
+    if len(grid) and float(grid[-1]) != 0.0:
+        grid = _append_zero(grid)
+    if len(grid) - 1 != n:
+        raise ValueError(
+            f"the sigma list {grid[:-1].tolist()} has {len(grid) - 1} levels; this budget needs {n} "
+            f"(set the NFE to {len(grid) - 1})"
+        )
+    return grid.to(dtype)
+
+
 def snap_to_grid(sigmas: Tensor, grid: Tensor) -> Tensor:
     """Move every positive sigma to the nearest (in log sigma) sigma of a discrete grid, drop
     duplicates, keep the final 0. The result may have fewer steps than the input."""
@@ -134,13 +163,19 @@ def get_sigmas(
     """A grid of ``n`` positive sigmas plus the final 0 by name (one of :data:`DISCRETIZATIONS`).
 
     ``sigma_min`` / ``sigma_max`` default to the schedule's; ``leading``/``linspace``/``trailing``
-    need a discrete schedule; ``kw``: ``rho`` (karras), ``steps_offset`` (leading), ``sigmas``
-    (learned: a fitted grid of ``n`` positive sigmas and 0, see ``diffusion/grid_fit.py``).
+    need a discrete schedule; ``kw``: ``rho`` (karras, consistency), ``steps_offset`` (leading),
+    ``sigmas`` (learned: a fitted grid of ``n`` positive sigmas and 0, see
+    ``diffusion/grid_fit.py``; list: chosen sigmas).
     """
     if name not in DISCRETIZATIONS:
         raise ValueError(f"unknown discretization {name!r}; valid: {', '.join(DISCRETIZATIONS)}")
     if name == "learned":
         return learned(n, kw.get("sigmas"), dtype=dtype)
+    if name == "list":
+        return given(n, kw.get("sigmas"), dtype=dtype)
+    if kw.get("sigmas") is not None:
+        raise ValueError(f"a list of sigmas is read with discretization 'list', not {name!r}")
+    kw.pop("sigmas", None)
     if name in ("leading", "linspace", "trailing"):
         if schedule is None or not getattr(schedule, "discrete", False):
             raise ValueError(f"discretization {name!r} needs a discrete schedule (e.g. ddpm)")
@@ -155,4 +190,6 @@ def get_sigmas(
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
     if name == "karras":
         return karras(n, lo, hi, dtype=dtype, **kw)
+    if name == "consistency":
+        return consistency(n, lo, hi, dtype=dtype, **kw)
     return logsnr(n, lo, hi, dtype=dtype)

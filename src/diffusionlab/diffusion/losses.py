@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 from torch import Tensor, nn
 
 from diffusionlab.diffusion.noise import Generator, randn_like
@@ -15,6 +17,16 @@ from diffusionlab.diffusion.noise_distributions import (
 from diffusionlab.diffusion.parameterizations import EDMParam, Parameterization
 from diffusionlab.diffusion.schedules import Schedule
 from diffusionlab.diffusion.weightings import SimpleWeighting, Weighting, get_weighting
+
+
+@runtime_checkable
+class StepScheduled(Protocol):
+    """A loss whose objective follows training (a curriculum: iCT's discretisation, ECT's gap,
+    diffusion/consistency.py). The training module hands it the optimizer step before each batch,
+    so the objective is a function of the step: equal on every rank and micro-batch, and replayed
+    by a resumed run."""
+
+    def set_step(self, step: int) -> None: ...
 
 
 class DiffusionLoss(nn.Module):

@@ -88,6 +88,13 @@ class Parameterization(ABC):
             _check(bool((sigma > 0).all()), "sigma", float(sigma.min()), "must be > 0")
         return (*self._coefficients(sigma), self.c_noise(sigma))
 
+    @classmethod
+    def network_config(cls, cfg: dict) -> dict:
+        """The config (``_target_`` and arguments) of the parameterization whose network F means
+        what this one's F means, for checking that ``init_ckpt`` weights fit a run: itself,
+        except where a subclass shares another's network (:class:`ConsistencyParam`)."""
+        return cfg
+
     def loss_weight(self, sigma: Tensor) -> Tensor:
         """lambda = 1 / c_out^2: D-space weight equal to the MSE on F's own target."""
         return 1 / self._coefficients(sigma)[1] ** 2
@@ -154,6 +161,49 @@ class FlowParam(Parameterization):
         return c_in, -sigma * c_in, c_in
 
 
+class ConsistencyParam(EDMParam):
+    """Consistency-model parameterization (Song et al. 2023, Appendix C; iCT; ECT's ``ECMPrecond``):
+    f(x~; sigma) = c_skip x~ + c_out F(c_in x~; c_noise) with
+
+        c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2),
+        c_out  = (sigma - sigma_min) sigma_data / sqrt(sigma^2 + sigma_data^2),
+
+    so c_skip(sigma_min) = 1 and c_out(sigma_min) = 0: the boundary condition f(x~; sigma_min) =
+    x~ holds exactly (the difference is 0 in any precision). The inputs are EDM's (c_in =
+    1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4), so F is the F of an EDM model
+    with the same ``sigma_data``, ``c_noise`` and ``t_scale``: Easy Consistency Tuning starts from
+    one (``init_ckpt=``). f is defined on [sigma_min, sigma_max]; below sigma_min c_out is negative
+    and the consistency losses use x~ itself (the boundary extended, diffusion/consistency.py).
+    The samplers see f through ``denoise(x, sigma)``; ``sampler=consistency`` is its sampler."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        c_noise: str = "log",
+        t_scale: float | None = None,
+    ) -> None:
+        _check(sigma_min >= 0, "sigma_min", sigma_min, "must be >= 0")
+        self.sigma_min = float(sigma_min)
+        super().__init__(schedule, sigma_data, c_noise, t_scale)
+
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sd2 = self.sigma_data**2
+        c_in = torch.rsqrt(sigma**2 + sd2)
+        delta = sigma - self.sigma_min  # 0 at sigma_min in sigma's own dtype
+        return sd2 / (delta**2 + sd2), delta * self.sigma_data * c_in, c_in
+
+    @classmethod
+    def network_config(cls, cfg: dict) -> dict:
+        """The EDM config with the same F (``sigma_min`` shapes only the skip path)."""
+        out = {k: v for k, v in cfg.items() if k != "sigma_min"}
+        return {**out, "_target_": f"{EDMParam.__module__}.{EDMParam.__qualname__}"}
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, sigma_min={self.sigma_min:g})"
+
+
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
     "eps": EpsParam,
     "x0": X0Param,
@@ -161,17 +211,16 @@ PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
     "edm": EDMParam,
     "flow": FlowParam,
 }
+# f of a consistency model maps x~ to the end of its PF-ODE trajectory, not to E[x0 | x~]: kept
+# apart from the diffusion parameterizations above (their checks train D towards x0)
+CONSISTENCY_PARAMETERIZATIONS: dict[str, type[Parameterization]] = {"consistency": ConsistencyParam}
 
 
 def get_parameterization(name: str, schedule: Schedule, **options: object) -> Parameterization:
     """Build a parameterization by name."""
-    _check(
-        name in PARAMETERIZATIONS,
-        "parameterization",
-        name,
-        f"unknown; valid names: {sorted(PARAMETERIZATIONS)}",
-    )
-    return PARAMETERIZATIONS[name](schedule, **options)
+    known = {**PARAMETERIZATIONS, **CONSISTENCY_PARAMETERIZATIONS}
+    _check(name in known, "parameterization", name, f"unknown; valid names: {sorted(known)}")
+    return known[name](schedule, **options)
 
 
 # ---------------------------------------------------------------- prediction conversions

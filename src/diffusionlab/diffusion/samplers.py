@@ -288,6 +288,28 @@ def euler_maruyama(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Te
     return x
 
 
+@register_sampler(stochastic=always)
+def consistency(
+    m: _Model, x: Tensor, sig: list[float], gen: Generator, sigma_min: float = 0.002
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1) for a consistency model f
+    (parameterization=consistency), which ``denoise`` is: x0 = f(x; sigma_0), then at each
+    further positive sigma s, re-noise x = x0 + sqrt(s^2 - sigma_min^2) z and map back,
+    x0 = f(x; s). One NFE per positive sigma; one step draws no noise. ``sigma_min`` is the
+    model's boundary (``parameterization.sigma_min``). Not an ODE or SDE solver: on a diffusion
+    denoiser it returns posterior means, not samples."""
+    den = x
+    for i in range(len(sig) - 1):
+        s = sig[i]
+        if i > 0:
+            var = s**2 - sigma_min**2
+            std = var.clamp_min(0).sqrt() if isinstance(var, Tensor) else math.sqrt(max(var, 0))
+            x = den + randn_like(den, gen) * std
+        den = m(x, s)
+        m.report(i, s, x, den)
+    return den
+
+
 def _langevin_costs(options: Options) -> tuple[int, int]:
     """(T steps per level, 1 if the final denoising step is on) of annealed Langevin."""
     steps = int(options.get("steps_per_level", 100))
@@ -778,8 +800,39 @@ class Sampler:
         self.nfe = m.nfe
         return out
 
+    def steps(
+        self,
+        denoise: Denoise,
+        x: Tensor,
+        sigmas: list[float],
+        *,
+        generator: Generator = None,
+    ) -> Tensor:
+        """The step loop on a partial grid of decreasing positive ``sigmas`` that need not end at
+        0: ``x`` at sigmas[0] carried to sigmas[-1] (one teacher step of consistency
+        distillation). Samplers that do not walk their grid step by step (RK45 integrates to
+        the last positive sigma and denoises; annealed Langevin and consistency sampling have
+        no trajectory) refuse."""
+        if self.name in PARTIAL_GRID_REFUSED:
+            raise ValueError(
+                f"sampler {self.name!r} cannot step between two noise levels; use one of "
+                f"{', '.join(n for n in SAMPLERS if n not in PARTIAL_GRID_REFUSED)}"
+            )
+        if any(float(s) <= 0 for s in sigmas) or any(
+            float(a) <= float(b) for a, b in zip(sigmas[:-1], sigmas[1:], strict=False)
+        ):
+            raise ValueError(f"a partial grid must be decreasing and positive, got {sigmas}")
+        m = _Model(denoise, None)
+        out = self.fn(m, x, [float(s) for s in sigmas], generator, **self.options)
+        self.nfe = m.nfe
+        return out
+
     def __repr__(self) -> str:
         return f"Sampler({self.name!r}, {self.options})"
+
+
+# samplers without a step loop between two noise levels (``Sampler.steps``)
+PARTIAL_GRID_REFUSED = ("rk45", "annealed_langevin", "consistency")
 
 
 def get_sampler(name: str, **options: Any) -> Sampler:

@@ -33,6 +33,10 @@ LABEL_DROPOUT_STREAM = NAMED_STREAMS + 2  # networks: classifier-free guidance l
 COND_DROPOUT_STREAM = NAMED_STREAMS + 16
 COND_AUG_LEVEL_STREAM = NAMED_STREAMS + 17
 COND_AUG_NOISE_STREAM = NAMED_STREAMS + 18
+# diffusion/consistency.py: a pair's noise level (t, or iCT's grid index) and the noise direction
+# shared by both points of the pair
+CONSISTENCY_SIGMA_STREAM = NAMED_STREAMS + 256
+CONSISTENCY_NOISE_STREAM = NAMED_STREAMS + 257
 DROPOUT_STREAM = NAMED_STREAMS + (1 << 16)  # + the index of the network's dropout layer
 
 

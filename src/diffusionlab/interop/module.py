@@ -63,8 +63,8 @@ def init_weights(module: DiffusionModule, path: str, key: str = "init_ckpt") -> 
     where = f"{key}={str(path)!r}"
     diffs = _differences(model.hparams["model"], dict(module.hparams.model), "model", TRAINING_ONLY)
     diffs += _differences(
-        model.hparams["parameterization"],
-        dict(module.hparams.parameterization),
+        _network_config(model.hparams["parameterization"]),
+        _network_config(dict(module.hparams.parameterization)),
         "parameterization",
         (),
     )
@@ -84,6 +84,17 @@ def init_weights(module: DiffusionModule, path: str, key: str = "init_ckpt") -> 
     for denoiser in (module.denoiser, module.ema, *module.ema_profiles):
         load_net_state(denoiser.net, model.net_state, where)
     log.info("%s: network and EMA start from its weights", where)
+
+
+def _network_config(cfg: dict) -> dict:
+    """The parameterization config that gives F its meaning (``Parameterization.network_config``:
+    a consistency model's F is its EDM teacher's, so ECT starts from an EDM checkpoint)."""
+    try:
+        cls = get_class(cfg["_target_"])
+    except (KeyError, ImportError, ValueError):
+        return dict(cfg)
+    to_network = getattr(cls, "network_config", None)
+    return dict(to_network(dict(cfg))) if to_network else dict(cfg)
 
 
 def _with_defaults(cfg: dict) -> dict:

@@ -24,6 +24,7 @@ from diffusionlab.diffusion.guidance import (
     label_cfg_denoiser,
 )
 from diffusionlab.diffusion.noise import Generator, StackedRandomGenerator
+from diffusionlab.diffusion.parameterizations import ConsistencyParam
 from diffusionlab.diffusion.samplers import Denoise
 from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.conditioning import (
@@ -125,12 +126,24 @@ class DiffusionGenerator(GenerativeModelBase):
             condition is None or condition.same_encoding(guide_condition)
         ):
             guide_encode = _encoder_for(guide_condition)
+        spec = None if spec is None else SamplerSpec.of(spec)
+        param = module.denoiser.parameterization
+        if (
+            spec is not None
+            and spec.name == "consistency"
+            and not isinstance(param, ConsistencyParam)
+        ):
+            raise ConfigError(
+                f"sampler=consistency samples consistency models (parameterization=consistency); "
+                f"this checkpoint's parameterization is {type(param).__name__}: sample it with an "
+                "ODE or SDE sampler (sampler=heun, edm, dpmpp_2m, ...)"
+            )
         return cls(
             conditioned(denoiser_of(module, use_ema), condition),
             module.schedule,
             module.data_shape,
             condition,
-            None if spec is None else SamplerSpec.of(spec),
+            spec,
             guidance,
             module.device,
             module.decoder,

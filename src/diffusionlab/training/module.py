@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from torch import Tensor
 
 from diffusionlab.diffusion.batched_rng import BatchedGenerator, use_generator
+from diffusionlab.diffusion.losses import StepScheduled
 from diffusionlab.diffusion.parameterizations import Denoiser
 from diffusionlab.errors import CheckpointError
 from diffusionlab.networks.autoencoder import LatentDecoder
@@ -130,6 +131,8 @@ class DiffusionModule(L.LightningModule):
         (REPA eq. 9)."""
         x0, labels, seeds, *rest = batch
         extras = rest[0] if rest else {}
+        if isinstance(self.loss_fn, StepScheduled):  # a curriculum follows the optimizer step
+            self.loss_fn.set_step(self.global_step)
         generator = BatchedGenerator(seeds, device=x0.device)
         augment_labels = None
         lam = self.repa.settings.coefficient_at(self.global_step) if self.repa else 0.0
