@@ -15,8 +15,8 @@ is reported per run.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,14 +64,10 @@ def run(arm: str, seed: int, args: argparse.Namespace, out: Path) -> tuple[dict[
         tail = run_dir.with_suffix(".log").read_text()[-3000:]
         raise SystemExit(f"{arm} seed {seed} failed:\n{tail}")
     cpu = usage.ru_utime + usage.ru_stime
-    fids = {}
-    with open(next(run_dir.rglob("metrics.csv"))) as f:
-        for row in csv.DictReader(f):
-            # the last logged value repeats on later logging steps: keep the evaluation steps
-            if row.get("eval/fid") and int(row["step"]) % args.every == 0:
-                fids[
-                    int(row["step"]) + 1 if int(row["step"]) % args.every else int(row["step"])
-                ] = float(row["eval/fid"])
+    # the FID callback's own log lines, "step N: {'fid': X}" (the CSV repeats a logged value on
+    # later logging steps and numbers rows from 0)
+    text = run_dir.with_suffix(".log").read_text()
+    fids = {int(s): float(f) for s, f in re.findall(r"step (\d+): \{'fid': ([-\d.e]+)", text)}
     print(f"{arm} seed {seed}: {fids} ({cpu:.0f} s CPU, {time.time() - start:.0f} s wall)")
     return fids, cpu
 
