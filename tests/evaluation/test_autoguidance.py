@@ -226,7 +226,7 @@ def test_sample_app_guidance_interval(tiny_ckpts, tmp_path, monkeypatch):
     images are the unguided ones (a 3-step model hardly reads its labels, so the guided
     denoiser is checked on the generator itself)."""
     ckpt = tiny_ckpts["cond"]
-    base = [f"ckpt={ckpt}", "n=4", "npz=true", "sampler=heun", "sampler.nfe=5"]
+    base = [f"ckpt={ckpt}", "num_samples=4", "npz=true", "sampler=heun", "sampler.nfe=5"]
     seen = []
     from_module = DiffusionGenerator.from_module.__func__
 
