@@ -211,7 +211,8 @@ def merged(args: list[str], overrides: list[str]) -> list[str]:
 
 def test_the_docs_list_every_preset():
     presets = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
-    assert set(doc_commands()) == set(PRESETS) <= presets
+    # iddpm_cifar10 trains in test_families.py (its learned variance needs its own check)
+    assert set(doc_commands()) == {*PRESETS, "iddpm_cifar10"} <= presets
 
 
 @pytest.mark.parametrize("preset", sorted(PAPER))
