@@ -73,6 +73,8 @@ def _words(command: str) -> tuple[str, list[str]]:
         command = command.replace(var, value)
     command = re.sub(r"<([\w ]+)>", lambda m: m.group(1).replace(" ", "_"), command)
     words = shlex.split(command, comments=True)
+    if words and words[-1] == "&":  # run in the background (the two nodes of a doc example)
+        words = words[:-1]
     i = next(i for i, w in enumerate(words) if w in APPS)
     return words[i], words[i + 1 :]
 
