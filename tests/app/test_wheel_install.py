@@ -1,9 +1,9 @@
 """A non-editable install runs the apps: the wheel built from this checkout ships conf/ inside the
 package, and train / sample run from it in a folder that is not the checkout (their logs/ there).
 
-By default the wheel is installed without its dependencies beside the test environment's (``pip
-install --no-deps --target``); ``DL_WHEEL_VENV=1`` installs it into a fresh venv with all its
-dependencies from the package index instead (CI on a machine with network)."""
+The wheel goes into a fresh venv; by default its dependencies are those of the test
+environment (a ``.pth`` file in the venv names their folder: nothing is downloaded again), with
+``DL_WHEEL_VENV=1`` they are installed from the package index (a machine with network)."""
 
 import os
 import shutil
@@ -48,20 +48,25 @@ def _install(tmp_path: Path) -> tuple[str, dict[str, str]]:
     (wheel,) = dist.glob("diffusionlab-*.whl")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DIFFUSIONLAB_ROOT")}
     env |= {"WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-    if os.environ.get("DL_WHEEL_VENV") == "1":
-        venv = tmp_path / "venv"
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        python = str(venv / "bin" / "python")
-        subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True)
-        return python, env
-    site = tmp_path / "site"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = str(venv / "bin" / "python")
+    deps = os.environ.get("DL_WHEEL_VENV") == "1"
+    if not deps:  # the test environment's packages, behind the venv's own
+        (purelib,) = subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        ours = [p for p in sys.path if p.endswith("site-packages")]
+        Path(purelib, "test-environment.pth").write_text("\n".join(ours) + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site)]
-        + [str(wheel)],
+        [python, "-m", "pip", "install", "-q", *([] if deps else ["--no-deps"]), str(wheel)],
         check=True,
         capture_output=True,
     )
-    return sys.executable, env | {"PYTHONPATH": str(site)}
+    return python, env
 
 
 def test_apps_run_from_an_installed_wheel(tmp_path):
@@ -69,26 +74,30 @@ def test_apps_run_from_an_installed_wheel(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        res = subprocess.run(
-            [python, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600
-        )
+    def run_in(*cmd: str) -> subprocess.CompletedProcess:
+        res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
         return res
 
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return run_in(python, *args)
+
     # every Hydra app (dl-train-extractor reads key=value itself)
     apps = sorted({a for a in APPS.values() if (ROOT / "conf" / f"{a}.yaml").is_file()})
-    assert len(apps) == 12
+    assert len(apps) == 14
     assert f"composed {len(apps)} apps" in run("-c", CHECK, *apps).stdout
     tiny = ["dataset=digits", "model=unet_tiny", "data.batch_size=8", "trainer.max_steps=2"]
     tiny += ["logger=csv", "sampler.nfe=2", "~callbacks.rich_progress_bar"]
     tiny += ["callbacks.sample_grid.num_samples=4", "trainer.enable_model_summary=false"]
-    run("-m", "diffusionlab.cli.train", *tiny, "hydra.run.dir=logs/train/runs/wheel")
+    bin_dir = Path(python).parent  # the console scripts the wheel installed
+    run_script = lambda name, *a: run_in(str(bin_dir / name), *a)  # noqa: E731
+    run_script("dl-train", *tiny, "hydra.run.dir=logs/train/runs/wheel")
     ckpt = work / "logs" / "train" / "runs" / "wheel" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    run("-m", "diffusionlab.cli.sample", f"ckpt={ckpt}", "num_samples=2", "outdir=out")
+    run_script("dl-sample", f"ckpt={ckpt}", "num_samples=2", "outdir=out")
     assert sorted(p.name for p in (work / "out").iterdir()) == [
         "000000.png",
         "000001.png",
         "grid.png",
+        "sampling.json",
     ]
