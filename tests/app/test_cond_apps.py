@@ -90,6 +90,7 @@ def test_text_run_samples_prompts_files_and_negative_prompts(text_ckpt, tmp_path
     assert list(autoguided.glob("*_autoguided.png")), "no autoguided training grid"
 
 
+@pytest.mark.slow  # trains the domain classifier
 def test_prompt_accuracy_app(text_ckpt, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("7\ta handwritten seven\n1\tthe digit 1\n")
@@ -142,6 +143,7 @@ def test_tiny_clip_from_a_folder_conditions_training_and_sampling(tmp_path):
     assert "cond.encoder.path=" in res.stderr and "is not a folder" in res.stderr
 
 
+@pytest.mark.slow  # trains the domain classifier
 def test_super_resolution_inputs_cascade_and_evaluation(sr_ckpt, text_ckpt, tmp_path):
     assert list((sr_ckpt.parents[1] / "samples").glob("*.png")), "no training grid"
     low = (np.arange(2 * 16 * 16) % 255).astype(np.uint8).reshape(2, 16, 16, 1)

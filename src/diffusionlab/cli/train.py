@@ -300,6 +300,7 @@ def make_trainer(
 ) -> L.Trainer:
     """The Trainer of ``cfg`` with its callbacks and loggers, the run's guards (non-finite steps,
     preemption, compile) and the gradient accumulation derived from the global batch."""
+    inherit_samplers(cfg)  # (again, for library callers: filled nodes stay as they are)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [
         NonFiniteGuard(
