@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from diffusionlab.cli.train import train
+from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.checkpoint import load_module
 from tiny_text_encoders import tiny_clip
 
@@ -221,6 +222,32 @@ def test_wrong_condition_for_a_checkpoint_is_one_message(text_ckpt, sr_ckpt, tmp
     assert res.returncode == 1, res.stderr[-1500:]
     assert "resume_ckpt=" in res.stderr and "different model config" in res.stderr
     assert "cond.kind: 'text' -> None" in res.stderr
+
+
+def test_consistency_models_take_text_and_image_conditions(text_ckpt, sr_ckpt, tmp_path):
+    """iCT from scratch on captions samples a prompt in one step; ECT tunes the super-resolution
+    model; distillation refuses a trainable text encoder and a teacher of another condition."""
+    consistency = ["parameterization=consistency", "sampler=consistency"]
+    ckpt = _train(tmp_path / "ict", [*TEXT, "data.batch_size=8", *consistency, "loss=ict"])
+    module = load_module(str(ckpt), "cpu")
+    assert module.cond.kind == "text" and type(module.loss_fn).__name__ == "ICTLoss"
+    out = tmp_path / "one_step"
+    args = [f"ckpt={ckpt}", "num_samples=2", "sampler.nfe=1", f"outdir={out}", "npz=true"]
+    res = run_app("sample.py", [*args, "prompt=a handwritten seven", "guidance=2"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = np.load(out / "samples.npz")
+    assert data["samples"].shape == (2, 16, 16, 1)
+    assert list(data["prompts"]) == ["a handwritten seven"] * 2
+    sr = ["experiment=sr_mnist", "dataset=mnist", "data.batch_size=4", "model.model_channels=8"]
+    tuned = _train(tmp_path / "ect", [*sr, *consistency, "loss=ect", f"init_ckpt={sr_ckpt}"])
+    hp = torch.load(tuned, weights_only=True)["hyper_parameters"]
+    assert hp["loss"]["_target_"].endswith("ECTLoss") and hp["cond"]["kind"] == "image"
+    distill = [*fast_overrides(tmp_path / "cd"), "trainer.max_steps=2", *consistency, "loss=cd"]
+    with pytest.raises(ConfigError, match="loss=cd with cond=text needs a frozen text encoder"):
+        train(compose_train([*distill, *TEXT, f"init_ckpt={text_ckpt}"], tmp_path / "cd"))
+    other = [*distill, *TEXT[:2], "cond=none", f"loss.teacher_ckpt={text_ckpt}"]
+    with pytest.raises(ConfigError, match="is conditioned on cond=text; this run on cond=none"):
+        train(compose_train(other, tmp_path / "cd2"))
 
 
 def test_training_errors_name_the_key_or_file(tmp_path):

@@ -243,6 +243,42 @@ def test_losses_draw_per_sample_and_follow_the_step():
     assert torch.all(r_late >= r_all) and torch.all((t_all - r_late) < 1e-3 * t_all + 1e-6)
 
 
+class CondNet(nn.Module):
+    """A denoiser of 1-D data whose output reads a pooled condition ``cond_vector``
+    (networks/context.py), or the one it was built with when called without."""
+
+    def __init__(self, baked=None):
+        super().__init__()
+        self.baked = baked
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, cond_vector=None):
+        v = self.baked if cond_vector is None else cond_vector
+        sig = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+        return x / (1 + sig) + v.sum(1, keepdim=True) * sig / (1 + sig)
+
+
+def test_every_consistency_loss_gives_the_condition_to_both_points_and_the_teacher():
+    """A text or image condition reaches f at t, f at r and the distillation teacher unchanged:
+    the loss with ``cond`` equals the loss of a network that holds the same condition."""
+    sched = get_schedule("edm")
+    param = ConsistencyParam(sched)
+    v, x0 = torch.randn(5, 3), torch.randn(5, 1)
+    cd = ConsistencyDistillationLoss(sched, param, gap={"q": 2.0, "double_every": 1})
+    for loss in (ICTLoss(sched, param, total_steps=10), ECTLoss(sched, param), cd):
+        loss.set_step(2)
+        if loss is cd:
+            loss.set_teacher(CondNet())
+        given, _ = loss(
+            CondNet(), x0, generator=torch.Generator().manual_seed(0), cond={"cond_vector": v}
+        )
+        if loss is cd:
+            loss.set_teacher(CondNet(baked=v))
+        held, _ = loss(CondNet(baked=v), x0, generator=torch.Generator().manual_seed(0))
+        other, _ = loss(CondNet(baked=-v), x0, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(given, held), type(loss).__name__
+        assert not torch.allclose(given, other), type(loss).__name__
+
+
 # ---------------------------------------------------------------- distillation
 @pytest.mark.parametrize("sampler", ["heun", "euler", "dpmpp_2m"])
 def test_distillation_teacher_step_follows_the_pf_ode(sampler):

@@ -194,6 +194,17 @@ def attach_teacher(module: DiffusionModule, cfg: DictConfig) -> None:
             f"{teacher.label_dim}; this run trains {module.data_shape} with label_dim="
             f"{module.label_dim}"
         )
+    kinds = [m.cond.kind if m.cond is not None else "none" for m in (teacher, module)]
+    if kinds[0] != kinds[1]:
+        raise ConfigError(
+            f"{key}={str(path)!r} is conditioned on cond={kinds[0]}; this run on cond={kinds[1]}"
+        )
+    if module.cond is not None and module.cond.trainable_encoder:
+        raise ConfigError(
+            "loss=cd with cond=text needs a frozen text encoder (cond.encoder.kind=clip, t5 or "
+            "auto with cond.encoder.path): a trainable one is part of each network, and the "
+            "teacher would read the student's embeddings"
+        )
     loss.set_teacher(denoiser_of(teacher, use_ema=True))
     log.info("loss=cd: teacher %s=%s, steps by %s", key, path, loss.teacher_sampler)
 

@@ -154,13 +154,16 @@ class ConsistencyLoss(nn.Module):
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
         generator: Generator = None,
+        cond: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(per-sample loss ``[B]``, t ``[B]``), float32 whatever ``x0``'s dtype."""
+        """(per-sample loss ``[B]``, t ``[B]``), float32 whatever ``x0``'s dtype. ``cond``:
+        further network inputs (a text or image condition, ``networks/context.py``), the same
+        (dropped or not) at both points."""
         t, r = self.pair(x0.shape[0], generator, x0.device)
         x0_32 = x0.float()
         z = self.noise(x0_32, generator)
         x_t = x0_32 + _col(t, x0) * z
-        cond = {"class_labels": class_labels, "augment_labels": augment_labels}
+        cond = {"class_labels": class_labels, "augment_labels": augment_labels, **(cond or {})}
         with torch.no_grad():
             x_r = self.point_at(x0_32, z, x_t, t, r, generator=generator, **cond)
             # the network never sees r <= boundary (log 0 at r = 0): those rows take x_r
@@ -420,8 +423,10 @@ class ConsistencyDistillationLoss(ECTLoss):
         generator: Generator = None,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        **cond: Tensor,
     ) -> Tensor:
-        """x_r = the teacher sampler's step from (x_t, t) to r, by scale invariance."""
+        """x_r = the teacher sampler's step from (x_t, t) to r, by scale invariance; the teacher
+        reads the student's class labels and text or image condition (not the augmentation)."""
         teacher = self.teacher
         if teacher is None:
             raise ConfigError(
@@ -435,7 +440,7 @@ class ConsistencyDistillationLoss(ECTLoss):
 
         def scaled(y: Tensor, s: Tensor) -> Tensor:
             # D_i(y; s) = D(t_i y; t_i s) / t_i: the same PF-ODE in units of t_i
-            return teacher(k * y, t * s, class_labels=class_labels).float() / k
+            return teacher(k * y, t * s, class_labels=class_labels, **cond).float() / k
 
         y = self.teacher_sampler.steps(scaled, x_t / k, [1.0, ratio], generator=generator)
         return k * y
