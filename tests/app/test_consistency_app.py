@@ -34,7 +34,7 @@ def teacher(tmp_path_factory) -> Path:
 
 def test_ect_preset_tunes_a_diffusion_checkpoint(tmp_path, teacher):
     cfg = compose_train(["experiment=ect_mnist", f"init_ckpt={teacher}", *tiny(tmp_path)], tmp_path)
-    assert cfg.loss.gap.double_every == 125 and cfg.lr_warmup_steps == 0
+    assert cfg.loss.gap.double_every == 312 and cfg.lr_warmup_steps == 0
     train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     hp = ckpt["hyper_parameters"]

@@ -262,7 +262,8 @@ def test_every_consistency_loss_gives_the_condition_to_both_points_and_the_teach
     the loss with ``cond`` equals the loss of a network that holds the same condition."""
     sched = get_schedule("edm")
     param = ConsistencyParam(sched)
-    v, x0 = torch.randn(5, 3), torch.randn(5, 1)
+    g = torch.Generator().manual_seed(0)
+    v, x0 = torch.randn(5, 3, generator=g), torch.randn(5, 1, generator=g)
     cd = ConsistencyDistillationLoss(sched, param, gap={"q": 2.0, "double_every": 1})
     for loss in (ICTLoss(sched, param, total_steps=10), ECTLoss(sched, param), cd):
         loss.set_step(2)
@@ -294,13 +295,15 @@ def test_distillation_teacher_step_follows_the_pf_ode(sampler):
     loss.set_teacher(gaussian_denoiser())
     loss.set_step(3)  # r / t = 1 - 1/16
     t = torch.tensor([0.01, 0.3, 1.0, 20.0])
-    x_t = MU + torch.randn(4, 1) * torch.sqrt(S * S + t[:, None] ** 2)
+    z = torch.randn(4, 1, generator=torch.Generator().manual_seed(0))
+    x_t = MU + z * torch.sqrt(S * S + t[:, None] ** 2)
     x_r = loss.point_at(None, None, x_t, t, t * (1 - 1 / 16))
     r = t * (1 - 1 / 16)
     exact = MU + (x_t - MU) * torch.sqrt(S * S + r[:, None] ** 2) / torch.sqrt(
         S * S + t[:, None] ** 2
     )
-    tol = {"heun": 1e-5, "euler": 5e-3, "dpmpp_2m": 5e-3}[sampler]
+    # Heun's local error is O(h^3): 4e-5 at t = 1 for this draw (in float64 too); Euler's O(h^2)
+    tol = {"heun": 1e-4, "euler": 5e-3, "dpmpp_2m": 5e-3}[sampler]
     assert torch.allclose(x_r, exact, atol=tol)
 
 
