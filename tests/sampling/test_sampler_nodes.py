@@ -73,4 +73,8 @@ def test_inherit_keeps_what_the_node_leaves_null():
     learned = {**base.to_dict(), "discretization": "learned", "sigmas": [2.0, 1.0, 0.0]}
     assert inherit_sampler(learned, {"noise": "batched"})["sigmas"] == [2.0, 1.0, 0.0]
     assert "sigmas" not in inherit_sampler(learned, {"nfe": 9})
+    # the node's own list of sigmas stays (sample.py "+sampler.sigmas=[80,0.821]" on a checkpoint)
+    own = {"discretization": "list", "sigmas": [80.0, 0.821]}
+    assert inherit_sampler(learned, own)["sigmas"] == [80.0, 0.821]
+    assert inherit_sampler(base, {**own, "nfe": 2})["sigmas"] == [80.0, 0.821]
     assert inherit_sampler({"name": "euler", "grid": None}, {})["sigmas_file"] is None

@@ -190,8 +190,9 @@ def inherit_sampler(
                 out["options"] = {**(base.get("options") or {}), **value}
         elif value is not None:
             out[key] = value
-    if any(out.get(k) != base.get(k) for k in ("name", "nfe", "discretization", "options")) or (
-        out.get("sigmas_file") != base.get("sigmas_file")
+    changed = any(out.get(k) != base.get(k) for k in ("name", "nfe", "discretization", "options"))
+    if node.get("sigmas") is None and (
+        changed or out.get("sigmas_file") != base.get("sigmas_file")
     ):
         out.pop("sigmas", None)  # a learned grid resolved for base: resolved again for out
     return out
