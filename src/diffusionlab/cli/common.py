@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from hydra.errors import HydraException, InstantiationException, OverrideParseException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusionlab.cli.vocabulary import prepare_argv
@@ -36,6 +37,12 @@ RUN_STAMP = "DL_RUN_STAMP"
 
 # the user's own HYDRA_FULL_ERROR, kept for re-launched DDP workers that inherit our override
 _USER_FULL_ERROR = "_DIFFUSIONLAB_USER_HYDRA_FULL_ERROR"
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (a ListConfig / DictConfig as list / dict), for checks and
+    messages that read user values."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def run_cli(hydra_main: Callable[[], Any], app: str | None = None) -> None:

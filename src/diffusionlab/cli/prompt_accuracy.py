@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffusionlab.checks import number, sampler_numbers
-from diffusionlab.cli.common import run_cli, user_errors_exit
+from diffusionlab.cli.common import plain, run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.errors import ConfigError
 from diffusionlab.evaluation.evaluator import domain_extractor
@@ -31,8 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def weights_of(cfg: DictConfig) -> list[float]:
-    value = cfg.guidance
-    values = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    values = plain(cfg.guidance)
     values = values if isinstance(values, list) else [values]
     try:
         return [float(w) for w in values]

@@ -14,11 +14,12 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffusionlab.checks import number, sampler_numbers
 from diffusionlab.cli.common import (
     log_file_per_process,
+    plain,
     run_cli,
     share_run_directory,
     user_errors_exit,
@@ -73,10 +74,10 @@ def sample(cfg: DictConfig) -> Path:
 
 def _sample(cfg: DictConfig) -> Path:
     with together():  # a setting or file that one process cannot read stops all of them
-        seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
+        seeds = parse_seeds(plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
         bs = number(cfg, "batch_size", int, at_least=1)
         guidance = number(cfg, "guidance")
-        interval = check_guidance_interval(_plain(cfg.get("guidance_interval")))
+        interval = check_guidance_interval(plain(cfg.get("guidance_interval")))
         sampler_numbers(cfg)
         device = pick_device(cfg.device)
         module = load_module(cfg.ckpt, device)
@@ -304,10 +305,6 @@ def class_grid_labels(cfg: DictConfig, n: int, label_dim: int) -> torch.Tensor |
             f"label_dim={label_dim} (e.g. num_samples={label_dim * 8})"
         )
     return torch.arange(n) // (n // label_dim)
-
-
-def _plain(value):
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")

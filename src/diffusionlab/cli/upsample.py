@@ -19,10 +19,10 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffusionlab.checks import number, sampler_numbers
-from diffusionlab.cli.common import run_cli, user_errors_exit
+from diffusionlab.cli.common import plain, run_cli, user_errors_exit
 from diffusionlab.config import CONF_DIR
 from diffusionlab.data.datasets import split_indices
 from diffusionlab.errors import ConfigError
@@ -93,10 +93,10 @@ def upsample_app(cfg: DictConfig) -> dict:
     result: dict = {"ckpt": str(cfg.ckpt), "source": source, "aug_sigma": gen.condition.aug_sigma}
     if source == "inputs":
         low = read_inputs(cfg.inputs, shape)
-        seeds = parse_seeds(_plain(cfg.seeds), low.shape[0])
+        seeds = parse_seeds(plain(cfg.seeds), low.shape[0])
         low = _match(low, seeds, "inputs")
     elif source == "base_ckpt":
-        seeds = parse_seeds(_plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
+        seeds = parse_seeds(plain(cfg.seeds), number(cfg, "num_samples", int, at_least=1))
         base = load_module(cfg.base_ckpt, device)
         spec = SamplerSpec.of(cfg.base_sampler or base.hparams.sampler)
         base_gen = DiffusionGenerator.from_module(base, spec)
@@ -105,7 +105,7 @@ def upsample_app(cfg: DictConfig) -> dict:
         seeds = [s + CASCADE_SEED_OFFSET for s in seeds]
     else:
         truth = reference_images(cfg)
-        seeds = parse_seeds(_plain(cfg.seeds), truth.shape[0])
+        seeds = parse_seeds(plain(cfg.seeds), truth.shape[0])
         truth = _match(truth, seeds, "num_samples")
         low = sr_condition(gen).settings.lowres(truth)
     with finish_wandb_run():
@@ -208,10 +208,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _plain(value):
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="upsample")
