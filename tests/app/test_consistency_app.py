@@ -34,7 +34,8 @@ def teacher(tmp_path_factory) -> Path:
 
 def test_ect_preset_tunes_a_diffusion_checkpoint(tmp_path, teacher):
     cfg = compose_train(["experiment=ect_mnist", f"init_ckpt={teacher}", *tiny(tmp_path)], tmp_path)
-    assert cfg.loss.gap.double_every == 312 and cfg.lr_warmup_steps == 0
+    assert cfg.loss.gap.double_every == 562 and cfg.lr_warmup_steps == 0
+    assert cfg.loss.weighting == "inv_gap" and cfg.trainer.max_steps == 2
     train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     hp = ckpt["hyper_parameters"]
@@ -99,7 +100,7 @@ PAPER = {
         "loss.p_mean": -1.1,
         "loss.p_std": 2.0,
         "loss.huber_c": 0.0,
-        "loss.weighting": "snr_plus_k",
+        "loss.weighting": "inv_gap",  # ECMLoss: loss / (t - r)
         "loss.gap.q": 2.0,
         "loss.gap.k": 8.0,
         "loss.gap.b": 1.0,

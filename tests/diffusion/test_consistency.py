@@ -170,8 +170,9 @@ def _fixed(loss, t, r, z):
 
 
 def test_ect_loss_equals_reference_on_the_same_draws():
-    """The per-sample ECT loss is ECMLoss's: sqrt(||f(x_t, t) - f(x_r, r)||^2) (1/t^2 +
-    1/sigma_data^2), with x0 itself as the target where r = 0."""
+    """The per-sample ECT loss is ECMLoss's (locuslab/ect main): sqrt(||f(x_t, t) -
+    f(x_r, r)||^2) / (t - r), with x0 itself as the target where r = 0; its ImageNet branch's
+    weight 1/t^2 + 1/sigma_data^2 with ``weighting="snr_plus_k"``."""
     torch.manual_seed(0)
     sched = get_schedule("edm")
     param = ConsistencyParam(sched, sigma_min=0.002)
@@ -187,10 +188,13 @@ def test_ect_loss_equals_reference_on_the_same_draws():
         f_r = den(x0 + r[:, None] * z, r.clamp_min(1e-3))
     target = torch.where((r > 0)[:, None], f_r, x0)
     f_t = den(x0 + t[:, None] * z, t)
-    want = (f_t - target).square().sum(1).sqrt() * (1 / t**2 + 1 / 0.25)
-    assert torch.allclose(got, want, rtol=1e-5) and torch.equal(sig, t)
+    norm = (f_t - target).square().sum(1).sqrt()
+    assert torch.allclose(got, norm / (t - r), rtol=1e-5) and torch.equal(sig, t)
     got.sum().backward()  # the gradient flows through f(x_t) only
     assert all(p.grad is not None for p in den.parameters())
+    loss.weighting = "snr_plus_k"
+    got, _ = loss(den, x0)
+    assert torch.allclose(got, norm * (1 / t**2 + 1 / 0.25), rtol=1e-5)
 
 
 def test_ict_loss_pseudo_huber_over_gap():

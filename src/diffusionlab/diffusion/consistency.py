@@ -306,13 +306,14 @@ class ECTLoss(ConsistencyLoss):
     ln t ~ N(P_mean, P_std^2) (P_mean = -1.1, P_std = 2.0), r = t (1 - Delta(t)) from
     :class:`GapSchedule` (q = 2, k = 8, b = 1, sigmoid), x_r = x0 + r z with the x_t's z, and
     w(t, r) d(f(x_t), sg f(x_r)) with d the L2 norm (``huber_c = 0``: ECT's "adaptive weighting",
-    p = 1/2; c > 0 its pseudo-Huber variant) and ``weighting``: ``snr_plus_k`` w = 1 / t^2 +
-    1 / sigma_data^2 (locuslab/ect ``ECMLoss.snrplusk_wt``, its only choice), ``inv_gap``
-    w = 1 / (t - r) (iCT's) or ``none`` (w = 1). At the first stage Delta > 1 for small t, so
+    p = 1/2; c > 0 its pseudo-Huber variant) and ``weighting``: ``inv_gap`` w = 1 / (t - r)
+    (locuslab/ect ``ECMLoss`` of its CIFAR-10 branch ``main``, iCT's weight; the default),
+    ``snr_plus_k`` w = 1 / t^2 + 1 / sigma_data^2 (its ImageNet branch ``imgnet``,
+    ``snrplusk_wt``) or ``none`` (w = 1). At the first stage Delta > 1 for small t, so
     r = 0 and the target is x0: the tuning begins as the diffusion loss it starts from. t is held
     at the boundary (sigma_min) from below."""
 
-    WEIGHTINGS = ("snr_plus_k", "inv_gap", "none")
+    WEIGHTINGS = ("inv_gap", "snr_plus_k", "none")
 
     def __init__(
         self,
@@ -322,7 +323,7 @@ class ECTLoss(ConsistencyLoss):
         p_std: float = 2.0,
         gap: GapSchedule | Mapping[str, Any] | None = None,
         huber_c: float | None = 0.0,
-        weighting: str = "snr_plus_k",
+        weighting: str = "inv_gap",
     ) -> None:
         super().__init__(schedule, parameterization, huber_c)
         _check(p_std > 0, "p_std", p_std, "must be > 0")
