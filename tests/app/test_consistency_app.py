@@ -107,6 +107,7 @@ PAPER = {
         "loss.gap.mapping": "sigmoid",
         "loss.gap.double_every": 25_000,  # --double=250 ticks x 12.8 kimg / 128
         "parameterization.sigma_data": 0.5,
+        "parameterization.train_coefficients": "edm",  # ECMPrecond in training mode
         "model.model_channels": 128,
         "model.channel_mult": [2, 2, 2],
         "model.embedding_type": "positional",

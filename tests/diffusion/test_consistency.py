@@ -104,6 +104,32 @@ def test_consistency_coefficients_closed_form_and_edm_inputs():
     ) == {"_target_": f"{EDMParam.__module__}.EDMParam", "sigma_data": 0.5}
 
 
+def test_edm_coefficients_in_training_as_ects_ecmprecond():
+    """train_coefficients="edm" is ECT's ECMPrecond: EDM's c_skip / c_out while the denoiser
+    trains, the consistency ones (exact boundary) in eval mode; F's inputs and F are the same,
+    and the losses then take x0 only where r = 0 (ECMLoss's mask r > 0), with t unclamped."""
+    sched = get_schedule("edm")
+    ect = ConsistencyParam(sched, sigma_min=0.002, train_coefficients="edm")
+    plain, edm = ConsistencyParam(sched, sigma_min=0.002), EDMParam(sched)
+    sig = torch.tensor([0.001, 0.002, 0.1, 80.0], dtype=torch.float64)
+    for a, b in zip(ect.coefficients(sig, training=True), edm.coefficients(sig)):
+        assert torch.equal(a, b)
+    for a, b in zip(ect.coefficients(sig), plain.coefficients(sig)):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    den = Denoiser(Net().double(), ect)
+    x = torch.randn(4, 1, dtype=torch.float64)
+    ref = Denoiser(den.net, edm)
+    assert torch.equal(den.train()(x, sig), ref(x, sig))
+    assert torch.equal(den.eval()(x, sig[1:2]), x) and not torch.equal(ref(x, sig[1:2]), x)
+    assert ECTLoss(sched, ect).boundary == 0.0 and ECTLoss(sched, plain).boundary == 0.002
+    assert "train_coefficients" not in ConsistencyParam.network_config(
+        {"_target_": "x.ConsistencyParam", "sigma_min": 0.002, "train_coefficients": "edm"}
+    )
+    with pytest.raises(ValueError, match="train_coefficients"):
+        ConsistencyParam(sched, train_coefficients="vp")
+
+
 # ---------------------------------------------------------------- constants
 def test_pseudo_huber_and_ict_constant():
     d = torch.tensor([[3.0, 4.0], [0.0, 0.0]])

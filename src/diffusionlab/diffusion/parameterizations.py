@@ -77,16 +77,24 @@ class Parameterization(ABC):
     def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in)."""
 
-    def coefficients(self, sigma: Tensor | float, check: bool = True) -> Coefficients:
+    def coefficients(
+        self, sigma: Tensor | float, check: bool = True, training: bool = False
+    ) -> Coefficients:
         """(c_skip, c_out, c_in, c_noise) at ``sigma`` (EDM eq. 7), same shape as ``sigma``.
         ``check``: stop on sigma <= 0 (reads sigma back to the host; the denoiser's per-call
-        path leaves it out, so a training or sampling step never waits for the device)."""
+        path leaves it out, so a training or sampling step never waits for the device).
+        ``training``: the denoiser is in training mode (only :class:`ConsistencyParam` with
+        ``train_coefficients="edm"`` differs there)."""
         sigma = torch.as_tensor(sigma)
         if not sigma.is_floating_point():
             sigma = sigma.to(torch.get_default_dtype())
         if check:
             _check(bool((sigma > 0).all()), "sigma", float(sigma.min()), "must be > 0")
-        return (*self._coefficients(sigma), self.c_noise(sigma))
+        return (*self._mode_coefficients(sigma, training), self.c_noise(sigma))
+
+    def _mode_coefficients(self, sigma: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in) in training or evaluation mode: the same unless overridden."""
+        return self._coefficients(sigma)
 
     @classmethod
     def network_config(cls, cfg: dict) -> dict:
@@ -174,7 +182,13 @@ class ConsistencyParam(EDMParam):
     with the same ``sigma_data``, ``c_noise`` and ``t_scale``: Easy Consistency Tuning starts from
     one (``init_ckpt=``). f is defined on [sigma_min, sigma_max]; below sigma_min c_out is negative
     and the consistency losses use x~ itself (the boundary extended, diffusion/consistency.py).
-    The samplers see f through ``denoise(x, sigma)``; ``sampler=consistency`` is its sampler."""
+    The samplers see f through ``denoise(x, sigma)``; ``sampler=consistency`` is its sampler.
+
+    ``train_coefficients``: ``"consistency"`` (these coefficients in training too) or ``"edm"``
+    (EDM's c_skip and c_out while the denoiser is in training mode, these at evaluation: ECT's
+    ``ECMPrecond``, locuslab/ect; the boundary then holds for the sampling weights only)."""
+
+    TRAIN_COEFFICIENTS = ("consistency", "edm")
 
     def __init__(
         self,
@@ -183,10 +197,23 @@ class ConsistencyParam(EDMParam):
         sigma_min: float = 0.002,
         c_noise: str = "log",
         t_scale: float | None = None,
+        train_coefficients: str = "consistency",
     ) -> None:
         _check(sigma_min >= 0, "sigma_min", sigma_min, "must be >= 0")
+        _check(
+            train_coefficients in self.TRAIN_COEFFICIENTS,
+            "train_coefficients",
+            train_coefficients,
+            f"valid values: {list(self.TRAIN_COEFFICIENTS)}",
+        )
         self.sigma_min = float(sigma_min)
+        self.train_coefficients = train_coefficients
         super().__init__(schedule, sigma_data, c_noise, t_scale)
+
+    def _mode_coefficients(self, sigma: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+        if training and self.train_coefficients == "edm":
+            return super()._coefficients(sigma)
+        return self._coefficients(sigma)
 
     def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         sd2 = self.sigma_data**2
@@ -196,12 +223,14 @@ class ConsistencyParam(EDMParam):
 
     @classmethod
     def network_config(cls, cfg: dict) -> dict:
-        """The EDM config with the same F (``sigma_min`` shapes only the skip path)."""
-        out = {k: v for k, v in cfg.items() if k != "sigma_min"}
+        """The EDM config with the same F (``sigma_min`` and ``train_coefficients`` shape only
+        the skip path)."""
+        out = {k: v for k, v in cfg.items() if k not in ("sigma_min", "train_coefficients")}
         return {**out, "_target_": f"{EDMParam.__module__}.{EDMParam.__qualname__}"}
 
     def __repr__(self) -> str:
-        return f"{super().__repr__()[:-1]}, sigma_min={self.sigma_min:g})"
+        train = "" if self.train_coefficients == "consistency" else ", train_coefficients='edm'"
+        return f"{super().__repr__()[:-1]}, sigma_min={self.sigma_min:g}{train})"
 
 
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
@@ -327,7 +356,9 @@ class Denoiser(nn.Module):
         """(D, v): v is the network's variance output (None without ``learned_variance``)."""
         work = torch.promote_types(x.dtype, torch.float32)
         sigma = _per_sample_sigma(sigma, x, work)
-        c_skip, c_out, c_in, c_noise = self.parameterization.coefficients(sigma, check=False)
+        c_skip, c_out, c_in, c_noise = self.parameterization.coefficients(
+            sigma, check=False, training=self.training
+        )
         shape = (-1,) + (1,) * (x.ndim - 1)
         c_skip, c_out, c_in = c_skip.view(shape), c_out.view(shape), c_in.view(shape)
         param = next(self.net.parameters(), None)
