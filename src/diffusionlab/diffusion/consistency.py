@@ -105,11 +105,9 @@ class ConsistencyLoss(nn.Module):
         self.schedule = schedule
         self.parameterization = parameterization
         self.huber_c = huber_c
-        # f(x; sigma) = x at and below this level (ConsistencyParam.sigma_min; 0 for a plain
-        # denoiser and for EDM's coefficients in training, ECT's ECMPrecond: there only r = 0
-        # takes the data itself, as in ECT's ECMLoss)
-        edm_in_training = getattr(parameterization, "train_coefficients", None) == "edm"
-        self.boundary = 0.0 if edm_in_training else float(getattr(parameterization, "sigma_min", 0))
+        # f(x; sigma) = x at and below this level (ConsistencyParam.training_boundary; 0 for a
+        # plain denoiser, where only r = 0 takes the data itself)
+        self.boundary = float(getattr(parameterization, "training_boundary", 0.0))
         self.step = 0
 
     def set_step(self, step: int) -> None:

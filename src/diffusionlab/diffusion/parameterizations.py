@@ -210,6 +210,12 @@ class ConsistencyParam(EDMParam):
         self.train_coefficients = train_coefficients
         super().__init__(schedule, sigma_data, c_noise, t_scale)
 
+    @property
+    def training_boundary(self) -> float:
+        """The level at and below which f(x~) = x~ while training: sigma_min, or 0 with EDM's
+        coefficients in training (there only sigma = 0 gives x~ itself, as in ECT's ECMLoss)."""
+        return 0.0 if self.train_coefficients == "edm" else self.sigma_min
+
     def _mode_coefficients(self, sigma: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor]:
         if training and self.train_coefficients == "edm":
             return super()._coefficients(sigma)
