@@ -93,6 +93,33 @@ def test_distillation_reads_its_teacher(tmp_path, teacher):
         train(compose_train([*args, *tiny(tmp_path / "c")], tmp_path / "c"))
 
 
+def test_scm_preset_tunes_through_the_jvp(tmp_path, teacher):
+    """experiment=scm_mnist: sCT from the default run's checkpoint; the learned adaptive
+    weighting is saved and trained with the network; sCD (loss.tangent=teacher) reads the
+    init_ckpt as its teacher and stops without one; the consistency coefficients with sigma_min
+    0.002 are refused with the key to set."""
+    cfg = compose_train(
+        ["experiment=scm_mnist", f"init_ckpt={teacher}", *tiny(tmp_path / "a")], tmp_path / "a"
+    )
+    assert cfg.loss.tangent == "data" and cfg.parameterization.sigma_min == 0.0
+    train(cfg)
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert ckpt["hyper_parameters"]["loss"]["_target_"].endswith("SCMLoss")
+    weight = ckpt["state_dict"]["loss_fn.adaptive.linear.weight"]
+    assert weight.abs().max() > 0  # zero-initialised, moved by two optimizer steps
+    student = load_module(str(tmp_path / "a" / "checkpoints" / "last.ckpt"), "cpu")
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.isfinite(student.ema(x, 80.0)).all()
+    scd = ["experiment=scm_mnist", "loss.tangent=teacher", *tiny(tmp_path / "b")]
+    train(compose_train([*scd, f"init_ckpt={teacher}"], tmp_path / "b"))
+    with pytest.raises(ConfigError, match="loss=scm needs a teacher"):
+        train(compose_train(scd, tmp_path / "b"))
+    bad = ["experiment=scm_mnist", "parameterization.sigma_min=0.002", *tiny(tmp_path / "c")]
+    with pytest.raises(ConfigError, match="parameterization.sigma_min=0"):
+        train(compose_train(bad, tmp_path / "c"))
+
+
 # the papers' settings (a typo in a preset fails here)
 PAPER = {
     "ect_cifar10": {  # Geng et al. 2024; locuslab/ect run_ecm.sh, ct_train.py, ECMLoss

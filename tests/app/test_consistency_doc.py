@@ -53,6 +53,7 @@ def test_every_consistency_doc_command_runs(tmp_path):
         "evaluate.py",
         "train.py",
         "train.py",
+        "train.py",
     ]
     sweeps = [json.loads(p.read_text()) for p in logs.rglob("metrics.json")]
     swept = [s for s in sweeps if s.get("sweep")]

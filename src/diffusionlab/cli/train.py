@@ -25,7 +25,7 @@ from diffusionlab.config import CONF_DIR
 from diffusionlab.data import DiffusionDataModule
 from diffusionlab.data.augment import check_augment
 from diffusionlab.data.lazy import fill_from_files
-from diffusionlab.diffusion.consistency import ConsistencyDistillationLoss, ECTLoss
+from diffusionlab.diffusion.consistency import ConsistencyDistillationLoss, ECTLoss, TeacherSlot
 from diffusionlab.errors import ConfigError
 from diffusionlab.interop.module import init_weights
 from diffusionlab.sampling.checkpoint import load_module
@@ -177,16 +177,18 @@ def check_tuning(module: DiffusionModule, cfg: DictConfig, resuming: bool) -> No
 
 
 def attach_teacher(module: DiffusionModule, cfg: DictConfig) -> None:
-    """loss=cd: hand the loss its teacher's EMA denoiser, read from ``loss.teacher_ckpt`` or else
-    from ``init_ckpt`` (the student starts from its teacher). Read at every start, resumed runs
-    too: the teacher is not part of the student's checkpoint."""
+    """loss=cd (and loss=scm with tangent=teacher): hand the loss its teacher's EMA denoiser,
+    read from ``loss.teacher_ckpt`` or else from ``init_ckpt`` (the student starts from its
+    teacher). Read at every start, resumed runs too: the teacher is not part of the student's
+    checkpoint."""
     loss = module.loss_fn
-    if not isinstance(loss, ConsistencyDistillationLoss):
+    if not isinstance(loss, TeacherSlot) or not loss.needs_teacher:
         return
+    name = f"loss={loss.config_name}"
     path = loss.teacher_ckpt or cfg.get("init_ckpt")
     key = "loss.teacher_ckpt" if loss.teacher_ckpt else "init_ckpt"
     if not path:
-        raise ConfigError("loss=cd needs a teacher: loss.teacher_ckpt=<checkpoint> or init_ckpt=")
+        raise ConfigError(f"{name} needs a teacher: loss.teacher_ckpt=<checkpoint> or init_ckpt=")
     teacher = load_module(str(path), torch.device("cpu"))
     if (tuple(teacher.data_shape), teacher.label_dim) != (module.data_shape, module.label_dim):
         raise ConfigError(
@@ -201,12 +203,13 @@ def attach_teacher(module: DiffusionModule, cfg: DictConfig) -> None:
         )
     if module.cond is not None and module.cond.trainable_encoder:
         raise ConfigError(
-            "loss=cd with cond=text needs a frozen text encoder (cond.encoder.kind=clip, t5 or "
+            f"{name} with cond=text needs a frozen text encoder (cond.encoder.kind=clip, t5 or "
             "auto with cond.encoder.path): a trainable one is part of each network, and the "
             "teacher would read the student's embeddings"
         )
     loss.set_teacher(denoiser_of(teacher, use_ema=True))
-    log.info("loss=cd: teacher %s=%s, steps by %s", key, path, loss.teacher_sampler)
+    steps = getattr(loss, "teacher_sampler", "its PF-ODE's derivative")
+    log.info("%s: teacher %s=%s, steps by %s", name, key, path, steps)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -90,21 +90,15 @@ def ict_pair_probabilities(levels: Tensor, p_mean: float = -1.1, p_std: float = 
     return p / p.sum()
 
 
-class ConsistencyLoss(nn.Module):
-    """What the three losses share: the step (curriculum) interface, the per-sample draws, the
-    target with its boundary, the pseudo-Huber distance and the 1 / (t - r) weight. Subclasses
-    give the pair (:meth:`pair`) and, for distillation, x_r (:meth:`point_at`).
+class ConsistencyObjective(nn.Module):
+    """What every consistency objective shares: the schedule and parameterization, the boundary
+    of f, the step interface of a curriculum (``losses.StepScheduled``) and each sample's own
+    draws (its level and its noise)."""
 
-    ``huber_c``: the pseudo-Huber constant (None: iCT's 0.00054 sqrt(d); 0: the L2 norm)."""
-
-    def __init__(
-        self, schedule: Schedule, parameterization: Parameterization, huber_c: float | None
-    ) -> None:
+    def __init__(self, schedule: Schedule, parameterization: Parameterization) -> None:
         super().__init__()
-        _check(huber_c is None or huber_c >= 0, "huber_c", huber_c, "must be >= 0 or null")
         self.schedule = schedule
         self.parameterization = parameterization
-        self.huber_c = huber_c
         # f(x; sigma) = x at and below this level (ConsistencyParam.training_boundary; 0 for a
         # plain denoiser, where only r = 0 takes the data itself)
         self.boundary = float(getattr(parameterization, "training_boundary", 0.0))
@@ -135,6 +129,21 @@ class ConsistencyLoss(nn.Module):
         if isinstance(generator, BatchedGenerator):
             return generator.normal(x0.shape[1:], CONSISTENCY_NOISE_STREAM).to(x0)
         return randn_like(x0, generator)
+
+
+class ConsistencyLoss(ConsistencyObjective):
+    """What the three discrete losses share: the target with its boundary, the pseudo-Huber
+    distance and the 1 / (t - r) weight. Subclasses give the pair (:meth:`pair`) and, for
+    distillation, x_r (:meth:`point_at`).
+
+    ``huber_c``: the pseudo-Huber constant (None: iCT's 0.00054 sqrt(d); 0: the L2 norm)."""
+
+    def __init__(
+        self, schedule: Schedule, parameterization: Parameterization, huber_c: float | None
+    ) -> None:
+        super().__init__(schedule, parameterization)
+        _check(huber_c is None or huber_c >= 0, "huber_c", huber_c, "must be >= 0 or null")
+        self.huber_c = huber_c
 
     # ---------------------------------------------------------------- the objective
     def pair(self, n: int, generator: Generator, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -356,7 +365,44 @@ class ECTLoss(ConsistencyLoss):
         )
 
 
-class ConsistencyDistillationLoss(ECTLoss):
+class TeacherSlot:
+    """A frozen diffusion teacher of a distillation loss (``loss=cd``, ``loss=scm`` with
+    ``tangent=teacher``). The training app reads it from ``teacher_ckpt`` (or the run's
+    ``init_ckpt``: the student starts from its teacher) and hands it over with
+    :meth:`set_teacher`; it is not a submodule (not in the state dict, not trained), so a resumed
+    run reads it again."""
+
+    config_name = "cd"  # the ``loss=`` choice, for messages
+    teacher_ckpt: str | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether this loss reads a teacher (the training app attaches one when so)."""
+        return True
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """The teacher denoiser ``D(x, sigma, class_labels=...)`` (frozen, in eval mode)."""
+        self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.__dict__.get("_teacher")
+
+    def teacher_on(self, device: torch.device) -> nn.Module:
+        """The teacher on ``device``; a clear error when none was attached."""
+        teacher = self.teacher
+        if teacher is None:
+            raise ConfigError(
+                f"loss={self.config_name} needs its teacher: loss.teacher_ckpt=<checkpoint> or "
+                "init_ckpt=<teacher>"
+            )
+        param = next(teacher.parameters(), None)
+        if param is not None and param.device != device:
+            teacher.to(device)
+        return teacher
+
+
+class ConsistencyDistillationLoss(ECTLoss, TeacherSlot):
     """Consistency distillation (Song et al. 2023, Alg. 2) from a trained diffusion teacher, whose
     PF-ODE step from t to r is taken by any registered sampler (``teacher_sampler``: EDM's Heun,
     the paper's choice, by default).
@@ -367,12 +413,8 @@ class ConsistencyDistillationLoss(ECTLoss):
     PF-ODE dx/dsigma = (x - D(x; sigma)) / sigma keeps its form under x -> k x, sigma -> k sigma,
     so sample i runs on the common grid [1, r / t] with D_i(y; s) = D(t_i y; t_i s) / t_i and
     x_r = t_i y. The target network is sg(f) (not the paper's EMA teacher, mu = 0.95 for
-    CIFAR-10: iCT and ECT drop it); d pseudo-Huber (``huber_c``; None: iCT's constant).
-
-    The teacher is read by the training app from ``teacher_ckpt`` (or the run's ``init_ckpt``:
-    the student starts from its teacher, as in the paper) and handed over with
-    :meth:`set_teacher`; it is not part of the module's weights, so a resumed run reads it again.
-    """
+    CIFAR-10: iCT and ECT drop it); d pseudo-Huber (``huber_c``; None: iCT's constant). The
+    teacher: :class:`TeacherSlot`."""
 
     def __init__(
         self,
@@ -404,15 +446,6 @@ class ConsistencyDistillationLoss(ECTLoss):
         except (ValueError, TypeError) as e:
             raise ConfigError(f"loss.teacher_sampler: {e}") from None
         self.teacher_ckpt = None if teacher_ckpt is None else str(teacher_ckpt)
-        self.__dict__["_teacher"] = None  # not a submodule: not in the state dict, not trained
-
-    def set_teacher(self, teacher: nn.Module) -> None:
-        """The teacher denoiser ``D(x, sigma, class_labels=...)`` (frozen, in eval mode)."""
-        self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self.__dict__["_teacher"]
 
     def point_at(
         self,
@@ -428,14 +461,7 @@ class ConsistencyDistillationLoss(ECTLoss):
     ) -> Tensor:
         """x_r = the teacher sampler's step from (x_t, t) to r, by scale invariance; the teacher
         reads the student's class labels and text or image condition (not the augmentation)."""
-        teacher = self.teacher
-        if teacher is None:
-            raise ConfigError(
-                "loss=cd needs its teacher: loss.teacher_ckpt=<checkpoint> or init_ckpt=<teacher>"
-            )
-        param = next(teacher.parameters(), None)
-        if param is not None and param.device != x_t.device:
-            teacher.to(x_t.device)
+        teacher = self.teacher_on(x_t.device)
         ratio = 1.0 - self.gap.decay(self.step)  # r / t, one number for the whole batch
         k = _col(t, x_t)
 

@@ -90,7 +90,9 @@ class MPConv(nn.Module):
 
     def forward(self, x: Tensor, gain: float | Tensor = 1.0) -> Tensor:
         w = self.weight.float()
-        if self.training:
+        # not under a torch.func transform (sCM's JVP pass): it may not write captured weights,
+        # and the normalised w below is the same either way
+        if self.training and not torch._C._functorch.is_functorch_wrapped_tensor(x):
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
         w = normalize(w) * (gain / math.sqrt(w[0].numel()))
