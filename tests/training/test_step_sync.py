@@ -97,7 +97,12 @@ def count_reads(monkeypatch):
     return MODE
 
 
-def test_no_host_reads_between_logging_steps(tmp_path, count_reads):
+# sCM's step: a forward-mode JVP through the network, its tangent warm-up and adaptive weighting
+SCM = ["parameterization=consistency", "parameterization.sigma_min=0", "loss=scm"]
+
+
+@pytest.mark.parametrize("extra", [[], SCM], ids=["edm", "scm"])
+def test_no_host_reads_between_logging_steps(tmp_path, count_reads, extra):
     overrides = [
         "dataset=digits",
         "model=unet_tiny",
@@ -116,6 +121,7 @@ def test_no_host_reads_between_logging_steps(tmp_path, count_reads):
         "model.dropout=0.2",
         "+callbacks.marker={_target_:test_step_sync.StepMarker}",
         f"paths.log_dir={tmp_path}",
+        *extra,
     ]
     with count_reads:
         train(compose_train(overrides, tmp_path))
