@@ -372,7 +372,7 @@ class TeacherSlot:
     :meth:`set_teacher`; it is not a submodule (not in the state dict, not trained), so a resumed
     run reads it again."""
 
-    config_name = "cd"  # the ``loss=`` choice, for messages
+    config_name: str  # the ``loss=`` choice, for messages
     teacher_ckpt: str | None = None
 
     @property
@@ -415,6 +415,8 @@ class ConsistencyDistillationLoss(ECTLoss, TeacherSlot):
     x_r = t_i y. The target network is sg(f) (not the paper's EMA teacher, mu = 0.95 for
     CIFAR-10: iCT and ECT drop it); d pseudo-Huber (``huber_c``; None: iCT's constant). The
     teacher: :class:`TeacherSlot`."""
+
+    config_name = "cd"
 
     def __init__(
         self,

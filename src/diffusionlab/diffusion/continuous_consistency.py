@@ -134,13 +134,17 @@ class SCMLoss(ConsistencyObjective, TeacherSlot):
             d = teacher(x, sigma, class_labels=class_labels, **cond).to(x.dtype)
         return (x - d) / _col(sigma, x)
 
+    def trig(self, sigma: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(rho, cos t, sin t) as columns against ``x``: rho = sqrt(sigma^2 + sigma_d^2),
+        cos t = sigma_d / rho, sin t = sigma / rho."""
+        rho = torch.sqrt(sigma.square() + self.sigma_data**2)
+        return _col(rho, x), _col(self.sigma_data / rho, x), _col(sigma / rho, x)
+
     def tangent_g(
         self, x: Tensor, sigma: Tensor, v: Tensor, f: Tensor, df: Tensor, r: float
     ) -> Tensor:
         """sCM's g (eq. 8 with warm-up r, before normalisation) from f and df/dsigma at x~."""
-        rho = torch.sqrt(sigma.square() + self.sigma_data**2)
-        cos, sin = _col(self.sigma_data / rho, x), _col(sigma / rho, x)
-        rho = _col(rho, x)
+        rho, cos, sin = self.trig(sigma, x)
         dxt_dt = -sin * x + rho * v
         sd_f_trig = (cos.square() * x - f) / sin
         g1 = -cos.square() * (sd_f_trig - dxt_dt)
@@ -180,7 +184,7 @@ class SCMLoss(ConsistencyObjective, TeacherSlot):
         f_sg, df = total_derivative(f_of, x, sigma, v)
         g = self.normalise(self.tangent_g(x, sigma, v, f_sg, df, self.warmup()))
         f = f_of(x, sigma)  # last: a feature hook (REPA) keeps this pass's activations
-        sin = _col(sigma / torch.sqrt(sigma.square() + self.sigma_data**2), x)
+        sin = self.trig(sigma, x)[2]
         d_f_trig = -(f - f.detach()) / (self.sigma_data * sin)  # F - sg F: 0, F's gradient
         err = (d_f_trig - g).square().flatten(1).mean(1)
         if self.prior_weighting:
