@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from diffusionlab.cli.train import train
+from diffusionlab.diffusion.parameterizations import FlowMapParam
 from diffusionlab.errors import ConfigError
 from diffusionlab.sampling.checkpoint import load_module
 from tiny_text_encoders import tiny_clip
@@ -248,6 +249,27 @@ def test_consistency_models_take_text_and_image_conditions(text_ckpt, sr_ckpt, t
     other = [*distill, *TEXT[:2], "cond=none", f"loss.teacher_ckpt={text_ckpt}"]
     with pytest.raises(ConfigError, match="is conditioned on cond=text; this run on cond=none"):
         train(compose_train(other, tmp_path / "cd2"))
+
+
+def test_meanflow_takes_text_and_image_conditions(sr_ckpt, tmp_path):
+    """MeanFlow on captions samples a prompt with classifier-free guidance in two flow-map steps
+    (the end of each step reaches both halves of the guided batch); tuning the super-resolution
+    model into a flow map widens its vector map (the augmentation level's features, then the
+    second time's) and starts from its weights."""
+    mean_flow = ["parameterization=flow_map", "loss=meanflow", "sampler=flow_map"]
+    ckpt = _train(tmp_path / "mf", [*TEXT, "data.batch_size=8", *mean_flow])
+    out = tmp_path / "two_steps"
+    args = [f"ckpt={ckpt}", "num_samples=2", "sampler.nfe=2", f"outdir={out}", "npz=true"]
+    res = run_app("sample.py", [*args, "prompt=a handwritten seven", "guidance=2"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert np.isfinite(np.load(out / "samples.npz")["samples"]).all()
+    sr = ["experiment=sr_mnist", "dataset=mnist", "data.batch_size=4", "model.model_channels=8"]
+    tuned = _train(tmp_path / "sr", [*sr, *mean_flow, f"init_ckpt={sr_ckpt}"])
+    state = torch.load(tuned, weights_only=True)["state_dict"]
+    start = torch.load(sr_ckpt, weights_only=True)["state_dict"]
+    wide, old = state["denoiser.net.map_vector.weight"], start["denoiser.net.map_vector.weight"]
+    assert wide.shape[1] == old.shape[1] + FlowMapParam.end_features
+    assert (wide[:, : old.shape[1]] - old).abs().max() < 0.05 < old.abs().max()
 
 
 def test_training_errors_name_the_key_or_file(tmp_path):

@@ -120,6 +120,45 @@ def test_scm_preset_tunes_through_the_jvp(tmp_path, teacher):
         train(compose_train(bad, tmp_path / "c"))
 
 
+def test_meanflow_preset_starts_from_its_teacher(tmp_path, teacher):
+    """experiment=meanflow_mnist: the flow map built on the teacher's network, its second-time
+    input added at zero weight, so before any step D(x; sigma, s) is the teacher's D(x; sigma)
+    for every end s; two MeanFlow steps train it and sampler=flow_map draws finite images at one
+    and two NFE; from scratch it needs no checkpoint; loss=meanflow refuses a one-time model."""
+    from diffusionlab.interop.module import init_weights
+    from diffusionlab.sampling.generator import DiffusionGenerator
+    from diffusionlab.training.module import DiffusionModule
+
+    cfg = compose_train(
+        ["experiment=meanflow_mnist", f"init_ckpt={teacher}", *tiny(tmp_path / "a")],
+        tmp_path / "a",
+    )
+    assert cfg.loss.ratio == 0.25 and cfg.sampler.name == "flow_map"
+    start = load_module(str(teacher), "cpu")
+    hp = {**start.hparams, "parameterization": OmegaConf.to_container(cfg.parameterization)}
+    hp["loss"] = OmegaConf.to_container(cfg.loss)
+    module = DiffusionModule(**hp).eval()
+    init_weights(module, str(teacher))
+    x, sigma = torch.randn(3, 1, 8, 8), torch.tensor([80.0, 2.0, 0.1])
+    with torch.no_grad():
+        d = start.ema(x, sigma)
+        for end in (sigma, torch.zeros(3), sigma / 3):
+            assert torch.equal(module.ema(x, sigma, sigma_end=end), d)
+    train(cfg)
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert ckpt["hyper_parameters"]["loss"]["_target_"].endswith("MeanFlowLoss")
+    assert ckpt["state_dict"]["denoiser.net.map_vector.weight"].abs().max() > 0  # trained
+    student = load_module(str(tmp_path / "a" / "checkpoints" / "last.ckpt"), "cpu")
+    for nfe in (1, 2):
+        gen = DiffusionGenerator.from_module(student, {"name": "flow_map", "nfe": nfe})
+        assert torch.isfinite(gen.generate([0, 1])).all()
+    train(compose_train(["experiment=meanflow_mnist", *tiny(tmp_path / "b")], tmp_path / "b"))
+    bad = ["experiment=meanflow_mnist", "parameterization=edm", *tiny(tmp_path / "c")]
+    with pytest.raises(ConfigError, match="parameterization=flow_map"):
+        train(compose_train(bad, tmp_path / "c"))
+
+
 # the papers' settings (a typo in a preset fails here)
 PAPER = {
     "ect_cifar10": {  # Geng et al. 2024; locuslab/ect run_ecm.sh, ct_train.py, ECMLoss

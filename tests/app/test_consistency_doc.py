@@ -32,7 +32,7 @@ def test_every_consistency_doc_command_runs(tmp_path):
     )
     ran = []
     for i, line in enumerate(_commands()):
-        if line.startswith(("CKPT=", "ECT=")):  # the checkpoint the previous training wrote
+        if line.startswith(("CKPT=", "ECT=", "MF=")):  # the checkpoint the previous training wrote
             name = line.split("=", 1)[0]
             (env[name],) = [str(p) for p in (tmp_path / f"run{i - 1}").rglob("last.ckpt")]
             continue
@@ -54,6 +54,9 @@ def test_every_consistency_doc_command_runs(tmp_path):
         "train.py",
         "train.py",
         "train.py",
+        "train.py",
+        "sample.py",
+        "evaluate.py",
     ]
     sweeps = [json.loads(p.read_text()) for p in logs.rglob("metrics.json")]
     swept = [s for s in sweeps if s.get("sweep")]

@@ -405,9 +405,20 @@ def test_consistency_training_converges_to_the_closed_form_map():
 
 
 def fit_gaussian(den: Denoiser, loss: nn.Module, steps: int = 1500) -> torch.Tensor:
+    """Train ``den`` with ``loss`` on N(MU, S^2) data (:func:`train_on_gaussian`); return
+    |f - exact_f| over sigma in [0.01, 80] (25 levels) and x within 2.5 std of the marginal
+    (41 points)."""
+    train_on_gaussian(den, loss, steps)
+    sig = torch.logspace(-2, math.log10(80), 25).repeat_interleave(41)
+    u = torch.linspace(-2.5, 2.5, 41).repeat(25)
+    x = MU + u * torch.sqrt(S * S + sig**2)
+    with torch.no_grad():
+        return (den(x[:, None], sig)[:, 0] - exact_f(x, sig)).abs()
+
+
+def train_on_gaussian(den: Denoiser, loss: nn.Module, steps: int = 1500) -> None:
     """Train ``den`` (and the loss's own parameters) with ``loss`` on N(MU, S^2) data, batch 512,
-    Adam 1e-2 with a cosine decay; return |f - exact_f| over sigma in [0.01, 80] (25 levels) and
-    x within 2.5 std of the marginal (41 points)."""
+    Adam 1e-2 with a cosine decay."""
     opt = torch.optim.Adam([*den.parameters(), *loss.parameters()], lr=1e-2)
     decay = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps))
@@ -421,8 +432,3 @@ def fit_gaussian(den: Denoiser, loss: nn.Module, steps: int = 1500) -> torch.Ten
         per.mean().backward()
         opt.step()
         decay.step()
-    sig = torch.logspace(-2, math.log10(80), 25).repeat_interleave(41)
-    u = torch.linspace(-2.5, 2.5, 41).repeat(25)
-    x = MU + u * torch.sqrt(S * S + sig**2)
-    with torch.no_grad():
-        return (den(x[:, None], sig)[:, 0] - exact_f(x, sig)).abs()

@@ -99,9 +99,11 @@ def count_reads(monkeypatch):
 
 # sCM's step: a forward-mode JVP through the network, its tangent warm-up and adaptive weighting
 SCM = ["parameterization=consistency", "parameterization.sigma_min=0", "loss=scm"]
+# MeanFlow's: the JVP of its average velocity, a flow map's second time through cond_vector
+MEANFLOW = ["parameterization=flow_map", "loss=meanflow", "sampler=flow_map"]
 
 
-@pytest.mark.parametrize("extra", [[], SCM], ids=["edm", "scm"])
+@pytest.mark.parametrize("extra", [[], SCM, MEANFLOW], ids=["edm", "scm", "meanflow"])
 def test_no_host_reads_between_logging_steps(tmp_path, count_reads, extra):
     overrides = [
         "dataset=digits",

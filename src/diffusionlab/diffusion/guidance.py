@@ -32,10 +32,10 @@ def cfg_denoiser(denoise_cond: Denoise, denoise_uncond: Denoise, w: float) -> De
     """D_uncond + w (D_cond - D_uncond); also autoguidance with ``denoise_uncond`` a weaker model.
     An iDDPM variance output (the ``learned_variance`` attribute of D) is the conditional one's."""
 
-    def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        d_cond = denoise_cond(x, sigma)
+    def denoise(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
+        d_cond = denoise_cond(x, sigma, **kw)
         return _guided(
-            d_cond, denoise_uncond(x, sigma), w, getattr(d_cond, "learned_variance", None)
+            d_cond, denoise_uncond(x, sigma, **kw), w, getattr(d_cond, "learned_variance", None)
         )
 
     return denoise
@@ -72,10 +72,13 @@ def label_cfg_denoiser(
     A condition may be a dict of tensors (the inputs of a text or image condition)."""
     labels = _cat(class_labels, torch.zeros_like(class_labels) if uncond is None else uncond)
 
-    def guided(x: Tensor, sigma: Tensor) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        sig2 = torch.cat([sigma, sigma]) if sigma.dim() > 0 else sigma
-        d = denoise(torch.cat([x, x]), sig2, labels)
+    def twice(v: Tensor, x: Tensor) -> Tensor:
+        v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+        return torch.cat([v, v]) if v.dim() > 0 else v
+
+    def guided(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
+        kw = {k: twice(v, x) for k, v in kw.items()}
+        d = denoise(torch.cat([x, x]), twice(sigma, x), labels, **kw)
         v = getattr(d, "learned_variance", None)
         d_cond, d_uncond = d.chunk(2)
         return _guided(d_cond, d_uncond, w, None if v is None else v.chunk(2)[0])
@@ -105,16 +108,16 @@ def interval_denoiser(guided: Denoise, plain: Denoise, lo: float, hi: float) -> 
     then costs one network evaluation instead of two. Decided per sample; a step whose samples
     all fall on one side evaluates only that side (one read of the sigmas per evaluation)."""
 
-    def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+    def denoise(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
         s = torch.as_tensor(sigma, device=x.device).detach()
         inside = (s > lo) & (s <= hi)
         if bool(inside.all()):
-            return guided(x, sigma)
+            return guided(x, sigma, **kw)
         if not bool(inside.any()):
-            return plain(x, sigma)
-        d_plain = plain(x, sigma)
+            return plain(x, sigma, **kw)
+        d_plain = plain(x, sigma, **kw)
         mask = inside.reshape(-1, *([1] * (x.ndim - 1)))
-        out = torch.where(mask, guided(x, sigma), d_plain)
+        out = torch.where(mask, guided(x, sigma, **kw), d_plain)
         variance = getattr(d_plain, "learned_variance", None)
         if variance is not None:
             out.learned_variance = variance

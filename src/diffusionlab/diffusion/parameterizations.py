@@ -35,6 +35,9 @@ def _unwrap(schedule: Schedule) -> Schedule:
 class Parameterization(ABC):
     """Coefficient functions of one parameterization; subclasses define ``_coefficients``."""
 
+    # the width of the second-time features a flow-map network reads (0: one time only)
+    end_features = 0
+
     def __init__(
         self,
         schedule: Schedule,
@@ -239,6 +242,43 @@ class ConsistencyParam(EDMParam):
         return f"{super().__repr__()[:-1]}, sigma_min={self.sigma_min:g}{train})"
 
 
+class FlowMapParam(EDMParam):
+    """A flow map Phi(x~; sigma -> s), the PF-ODE's solution from sigma to s <= sigma, as a
+    denoiser with two times (MeanFlow, Geng et al. 2025, in sigma-space):
+
+        Phi(x~; sigma -> s) = (s / sigma) x~ + (1 - s / sigma) D(x~; sigma, s),
+        D(x~; sigma, s) = c_skip x~ + c_out F(c_in x~; c_noise(sigma), h(sigma, s)),
+
+    the DDIM / Euler step with a D that knows where the step ends: Phi(x~; sigma -> sigma) = x~
+    exactly, D(x~; sigma, sigma) is an ordinary denoiser (every sampler runs the model as a
+    diffusion model) and D(x~; sigma, 0) a consistency function. In rectified-flow time
+    (z_t = (1 - t) x0 + t n, t = sigma / (1 + sigma)) MeanFlow's average velocity is
+    u(z_t, r, t) = (z_t - z_r) / (t - r) = (z_t - D) / t. The coefficients and c_noise are EDM's,
+    so F is an EDM model's F (``init_ckpt=`` starts from one); the second time enters F as the
+    gap h = t - r (MeanFlow's best "(t, t - r)" conditioning) in the sinusoidal embedding the
+    networks give c_noise, through their ``cond_vector`` (networks/context.py), after a
+    condition's own vector. (Sharper features, the 2^k / 4 frequencies of
+    ``level_features`` of an image condition's augmentation level, made the JVP's d/dt noisy
+    and learned the 1-D closed form several times worse.)"""
+
+    end_features = 16
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        from diffusionlab.networks.layers import PositionalEmbedding  # networks import diffusion/
+
+        super().__init__(*args, **kwargs)
+        self.gap_embedding = PositionalEmbedding(self.end_features, endpoint=True)
+
+    def end_vector(self, sigma: Tensor, sigma_end: Tensor) -> Tensor:
+        """``[B, 16]``: the embedding of h = t - r, t = sigma / (1 + sigma), r = s / (1 + s)."""
+        return self.gap_embedding(sigma / (1 + sigma) - sigma_end / (1 + sigma_end))
+
+    @classmethod
+    def network_config(cls, cfg: dict) -> dict:
+        """The EDM config: F reads an EDM model's inputs (the second time is an extra input)."""
+        return {**cfg, "_target_": f"{EDMParam.__module__}.{EDMParam.__qualname__}"}
+
+
 PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
     "eps": EpsParam,
     "x0": X0Param,
@@ -246,9 +286,13 @@ PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
     "edm": EDMParam,
     "flow": FlowParam,
 }
-# f of a consistency model maps x~ to the end of its PF-ODE trajectory, not to E[x0 | x~]: kept
-# apart from the diffusion parameterizations above (their checks train D towards x0)
-CONSISTENCY_PARAMETERIZATIONS: dict[str, type[Parameterization]] = {"consistency": ConsistencyParam}
+# f of a consistency model (and a flow map below its start) maps x~ along its PF-ODE trajectory,
+# not to E[x0 | x~]: kept apart from the diffusion parameterizations above (their checks train D
+# towards x0)
+CONSISTENCY_PARAMETERIZATIONS: dict[str, type[Parameterization]] = {
+    "consistency": ConsistencyParam,
+    "flow_map": FlowMapParam,
+}
 
 
 def get_parameterization(name: str, schedule: Schedule, **options: object) -> Parameterization:
@@ -316,7 +360,10 @@ class Denoiser(nn.Module):
     """D(x~; sigma) = c_skip x~ + c_out F(c_in x~, c_noise, class_labels, augment_labels).
 
     Further keyword arguments (``context``, ``context_mask``, ``cond_vector``, ``cond_image``: the
-    condition inputs of text- and image-conditioned networks) go to F unchanged.
+    condition inputs of text- and image-conditioned networks) go to F unchanged. ``sigma_end``:
+    where a flow map's step ends (:class:`FlowMapParam`: its features follow the condition's
+    vector; default ``sigma``, the diffusion denoiser); a one-time model ignores it, so
+    ``sampler=flow_map`` is Euler's method on it.
 
     F runs in its parameters' dtype and gets a float32 ``[B]`` c_noise; coefficients and the skip
     connection run in float32 (float64 when ``x`` is float64); the result has ``x``'s dtype.
@@ -344,9 +391,10 @@ class Denoiser(nn.Module):
         sigma: Tensor | float,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        sigma_end: Tensor | float | None = None,
         **cond: Tensor,
     ) -> Tensor:
-        d, v = self.forward_with_variance(x, sigma, class_labels, augment_labels, **cond)
+        d, v = self.forward_with_variance(x, sigma, class_labels, augment_labels, sigma_end, **cond)
         if v is not None:
             d.learned_variance = v
         return d
@@ -357,11 +405,15 @@ class Denoiser(nn.Module):
         sigma: Tensor | float,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        sigma_end: Tensor | float | None = None,
         **cond: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
         """(D, v): v is the network's variance output (None without ``learned_variance``)."""
         work = torch.promote_types(x.dtype, torch.float32)
         sigma = _per_sample_sigma(sigma, x, work)
+        if self.parameterization.end_features:
+            end = sigma if sigma_end is None else _per_sample_sigma(sigma_end, x, work)
+            cond = self.with_end_vector(cond, self.parameterization.end_vector(sigma, end))
         c_skip, c_out, c_in, c_noise = self.parameterization.coefficients(
             sigma, check=False, training=self.training
         )
@@ -392,3 +444,13 @@ class Denoiser(nn.Module):
             v = v.to(work)
         d = (c_skip * xw + c_out * out.to(work)).to(x.dtype)
         return d, v
+
+    def with_end_vector(self, cond: dict[str, Tensor], end: Tensor) -> dict[str, Tensor]:
+        """``cond`` with a flow map's second-time features after the condition's own vector
+        (zeros for a dropped or absent one, as condition dropout trains it)."""
+        own = getattr(self.net, "vector_dim", 0) - end.shape[1]
+        vector = cond.get("cond_vector")
+        if vector is None and own > 0:
+            vector = end.new_zeros(end.shape[0], own)
+        end = end if vector is None else torch.cat([vector.to(end), end], dim=1)
+        return {**cond, "cond_vector": end}

@@ -55,11 +55,18 @@ class _Model:
     def __init__(self, denoise: Denoise, callback: Callback | None) -> None:
         self.denoise, self.callback, self.nfe = denoise, callback, 0
 
-    def __call__(self, x: Tensor, sigma: float) -> Tensor:
+    def __call__(self, x: Tensor, sigma: float, sigma_end: float | None = None) -> Tensor:
+        """D(x; sigma), or a flow map's D(x; sigma, sigma_end) (``FlowMapParam``)."""
         self.nfe += 1
+        if sigma_end is None:
+            return self.denoise(x, self._batch(x, sigma))
+        return self.denoise(x, self._batch(x, sigma), sigma_end=self._batch(x, sigma_end))
+
+    @staticmethod
+    def _batch(x: Tensor, sigma: float) -> Tensor:
         if isinstance(sigma, Tensor):  # a differentiated grid: keep sigma in the graph
-            return self.denoise(x, sigma.to(x.dtype).expand(x.shape[0]))
-        return self.denoise(x, x.new_full((x.shape[0],), sigma))
+            return sigma.to(x.dtype).expand(x.shape[0])
+        return x.new_full((x.shape[0],), sigma)
 
     def report(self, i: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
         if self.callback is not None:
@@ -149,6 +156,20 @@ def euler(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
         den = m(x, s)
+        m.report(i, s, x, den)
+        x = x + (sn - s) / s * (x - den)
+    return x
+
+
+@register_sampler()
+def flow_map(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
+    """Flow-map sampling (MeanFlow, Geng et al. 2025, Alg. 2: z_r = z_t - (t - r) u(z_t, r, t)):
+    x <- Phi(x; s -> s') = x + (s' - s) / s (x - D(x; s, s')), one NFE per step, for a model
+    whose D knows where its step ends (``parameterization=flow_map``): the PF-ODE's solution in
+    one evaluation. On a one-time denoiser it is Euler's method."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s, sn)
         m.report(i, s, x, den)
         x = x + (sn - s) / s * (x - den)
     return x

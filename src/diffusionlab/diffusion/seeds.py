@@ -37,6 +37,8 @@ COND_AUG_NOISE_STREAM = NAMED_STREAMS + 18
 # shared by both points of the pair
 CONSISTENCY_SIGMA_STREAM = NAMED_STREAMS + 256
 CONSISTENCY_NOISE_STREAM = NAMED_STREAMS + 257
+# diffusion/mean_flow.py: whether a sample's pair has r != t (its two times come from the first)
+MEANFLOW_RATIO_STREAM = NAMED_STREAMS + 258
 DROPOUT_STREAM = NAMED_STREAMS + (1 << 16)  # + the index of the network's dropout layer
 
 

@@ -81,9 +81,35 @@ def init_weights(module: DiffusionModule, path: str, key: str = "init_ckpt") -> 
             f"{where} does not fit this run's model (checkpoint vs run: {'; '.join(diffs[:5])}); "
             "set the run's overrides to the checkpoint's values"
         )
+    state = model.net_state
+    if module.denoiser.parameterization.end_features:
+        state = with_end_map(module.denoiser.net.state_dict(), state)
     for denoiser in (module.denoiser, module.ema, *module.ema_profiles):
-        load_net_state(denoiser.net, model.net_state, where)
+        load_net_state(denoiser.net, state, where)
     log.info("%s: network and EMA start from its weights", where)
+
+
+# the vector-input maps of the networks (networks/context.py), where a flow map's second time
+# enters: added to the embedding (zero columns add nothing), or blended into it (EDM2's
+# magnitude-preserving sum, whose weights are renormalised: new columns keep their own init)
+ADDED_VECTOR_MAP, BLENDED_VECTOR_MAP = "map_vector.weight", "emb_vector.weight"
+
+
+def with_end_map(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict:
+    """A one-time model's weights for a flow-map network (``parameterization=flow_map``): its
+    vector map widened for the second-time features (a new map where it had none), the new
+    columns zero where the map adds to the embedding, so that network starts as the
+    checkpoint's whatever the second time; EDM2's blended map keeps its own init there."""
+    out = dict(state)
+    for key in (ADDED_VECTOR_MAP, BLENDED_VECTOR_MAP):
+        if key not in own or (key in state and state[key].shape == own[key].shape):
+            continue
+        wide = own[key].new_zeros(own[key].shape) if key == ADDED_VECTOR_MAP else own[key].clone()
+        if key in state:
+            old = state[key]
+            wide[:, : old.shape[1]] = old.to(wide)
+        out[key] = wide
+    return out
 
 
 def _network_config(cfg: dict) -> dict:

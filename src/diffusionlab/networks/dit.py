@@ -134,6 +134,7 @@ class DiT(nn.Module):
         self.checkpointing = checkpointing
         self.grid = img_resolution // patch_size
         self.context_dim = context_dim
+        self.vector_dim = vector_dim
         self.cond_channels = cond_channels
         if context_dim and not cross_attn_resolutions:
             raise ValueError("DiT: context_dim > 0 needs a non-empty cross_attn_resolutions")

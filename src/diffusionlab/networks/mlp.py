@@ -42,7 +42,9 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP ``F(x [B, in_dim], c_noise [B], class_labels, augment_labels) -> [B, in_dim]``."""
+    """Residual MLP ``F(x [B, in_dim], c_noise [B], class_labels, augment_labels, cond_vector)
+    -> [B, in_dim]``; ``cond_vector [B, vector_dim]`` joins the noise embedding
+    (networks/context.py)."""
 
     def __init__(
         self,
@@ -54,6 +56,7 @@ class MLP(nn.Module):
         num_blocks: int = 4,
         emb_dim: int = 128,
         dropout: float = 0.0,
+        vector_dim: int = 0,
     ) -> None:
         super().__init__()
         init = dict(init_mode="xavier_uniform")
@@ -62,6 +65,8 @@ class MLP(nn.Module):
         self.map_noise = PositionalEmbedding(emb_dim, endpoint=True)
         self.map_label = Linear(label_dim, emb_dim, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, emb_dim, bias=False, **init) if augment_dim else None
+        self.vector_dim = vector_dim
+        self.map_vector = Linear(vector_dim, emb_dim, bias=False, **init) if vector_dim else None
         self.map_layer0 = Linear(emb_dim, emb_dim, **init)
         self.map_layer1 = Linear(emb_dim, emb_dim, **init)
         self.proj_in = Linear(in_dim, hidden_dim, **init)
@@ -77,6 +82,7 @@ class MLP(nn.Module):
         c_noise: Tensor,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
+        cond_vector: Tensor | None = None,
     ) -> Tensor:
         emb = self.map_noise(c_noise)
         if self.map_label is not None:
@@ -86,6 +92,8 @@ class MLP(nn.Module):
             emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.float())
+        if self.map_vector is not None and cond_vector is not None:
+            emb = emb + self.map_vector(cond_vector.float())
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         h = self.proj_in(x)
         for block in self.blocks:

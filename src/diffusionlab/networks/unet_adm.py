@@ -70,6 +70,7 @@ class DhariwalUNet(nn.Module):
         self.label_dropout = label_dropout
         self.checkpointing = checkpointing
         self.context_dim = context_dim
+        self.vector_dim = vector_dim
         self.cond_channels = cond_channels
         emb_channels = model_channels * channel_mult_emb
         init = dict(

@@ -252,6 +252,7 @@ class EDM2UNet(nn.Module):
         self.concat_balance = concat_balance
         self.checkpointing = checkpointing
         self.context_dim = context_dim
+        self.vector_dim = vector_dim
         self.cond_channels = cond_channels
         block_kwargs = dict(
             resample_filter=resample_filter,

@@ -82,6 +82,7 @@ class SongUNet(nn.Module):
         self.label_dropout = label_dropout
         self.checkpointing = checkpointing
         self.context_dim = context_dim
+        self.vector_dim = vector_dim
         self.cond_channels = cond_channels
         resample_filter = list(resample_filter)
         emb_channels = model_channels * channel_mult_emb

@@ -259,13 +259,14 @@ def condition_of(module: Any, use_ema: bool = True, denoiser: Any = None) -> Con
 
 def conditioned(net: Callable[..., Tensor], condition: Condition | None) -> CondDenoise:
     """``denoise(x, sigma, cond)`` over a denoiser module ``net(x, sigma, **inputs)``: the
-    encoded condition goes in as the condition kind says; None runs the model unconditioned."""
+    encoded condition goes in as the condition kind says; None runs the model unconditioned.
+    Keywords (a flow map's ``sigma_end``) go to ``net`` as they are."""
 
-    def denoise(x: Tensor, sigma: Tensor, cond: Encoded | None = None) -> Tensor:
+    def denoise(x: Tensor, sigma: Tensor, cond: Encoded | None = None, **kw: Tensor) -> Tensor:
         if cond is None:
-            return net(x, sigma)
+            return net(x, sigma, **kw)
         if condition is None:
             raise ValueError("a condition was given to an unconditional model")
-        return net(x, sigma, **condition.network_inputs(cond))
+        return net(x, sigma, **condition.network_inputs(cond), **kw)
 
     return denoise

@@ -227,15 +227,15 @@ class DiffusionGenerator(GenerativeModelBase):
         return stoppable(self._guided(cond, guide_cond))
 
     def _guided(self, cond: Encoded | None, guide_cond: Encoded | None) -> Denoise:
-        def plain(x: Tensor, sigma: Tensor) -> Tensor:
-            return self.denoise(x, sigma, cond)
+        def plain(x: Tensor, sigma: Tensor, **kw: Tensor) -> Tensor:
+            return self.denoise(x, sigma, cond, **kw)
 
         if self.guide is not None:  # autoguidance, Karras et al. 2024 eq. 1
             guide = self.guide
             if self.guide_encode is None:
                 guide_cond = cond
             guided = cfg_denoiser(
-                plain, lambda x, sigma: guide(x, sigma, guide_cond), self.guidance
+                plain, lambda x, sigma, **kw: guide(x, sigma, guide_cond, **kw), self.guidance
             )
         elif cond is not None and self.guidance != 1.0:
             guided = label_cfg_denoiser(self.denoise, cond, self.guidance, self.unconditional(cond))

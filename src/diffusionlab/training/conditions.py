@@ -182,24 +182,29 @@ def build_network(
     settings: ConditionSettings | None,
     data_shape: Sequence[int],
     encoder: TextEncoder | None,
+    end_features: int = 0,
 ) -> torch.nn.Module:
-    """The network of the ``model`` config with the inputs the condition needs."""
+    """The network of the ``model`` config with the inputs the condition needs, and
+    ``end_features`` more vector inputs for a flow map's second time
+    (``parameterizations.FlowMapParam``)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    if settings is None:
-        return instantiate(model)
+    kwargs = {} if settings is None else settings.model_kwargs(data_shape, encoder)
+    if end_features:
+        kwargs["vector_dim"] = kwargs.get("vector_dim", 0) + end_features
     try:
-        return instantiate(model, **settings.model_kwargs(data_shape, encoder))
+        return instantiate(model, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, ValueError) and "cross_attn_resolutions" in str(cause):
             raise ConfigError(f"cond.{str(cause).split(': ', 1)[1]}") from None
-        if "unexpected keyword argument" not in str(e):
+        if not kwargs or "unexpected keyword argument" not in str(e):
             raise
+        what = f"cond={settings.kind} inputs" if settings else "a second time (flow_map)"
         raise ConfigError(
-            f"model={model.get('_target_')} does not take cond={settings.kind} inputs; the "
-            "networks that do: SongUNet (unet_*), DhariwalUNet (unet_adm*), DiT, EDM2UNet"
+            f"model={model.get('_target_')} does not take {what}; the networks that do: "
+            "SongUNet (unet_*), DhariwalUNet (unet_adm*), DiT, EDM2UNet, MLP"
         ) from None
 
 

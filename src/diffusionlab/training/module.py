@@ -69,9 +69,10 @@ class DiffusionModule(L.LightningModule):
         # cond=text|image (training/conditions.py); class labels go through label_dim
         self.cond = ConditionSettings.from_config(cond, data_shape)
         encoder = build_encoder(self.cond)
-        net = build_network(model, self.cond, data_shape, encoder)
+        param = instantiate(parameterization)(schedule=self.schedule)
+        net = build_network(model, self.cond, data_shape, encoder, param.end_features)
         number_dropout_layers(net)  # each dropout layer draws its own per-sample stream
-        self.denoiser = Denoiser(net, instantiate(parameterization)(schedule=self.schedule))
+        self.denoiser = Denoiser(net, param)
         # a trainable text encoder is part of the denoiser (trained, EMA-averaged, saved with
         # it); a frozen pretrained one stays outside the weights (reloaded from its folder)
         if isinstance(encoder, torch.nn.Module):
