@@ -133,7 +133,13 @@ def test_meanflow_preset_starts_from_its_teacher(tmp_path, teacher):
         ["experiment=meanflow_mnist", f"init_ckpt={teacher}", *tiny(tmp_path / "a")],
         tmp_path / "a",
     )
-    assert cfg.loss.ratio == 0.25 and cfg.sampler.name == "flow_map"
+    assert (cfg.loss.p_mean, cfg.loss.p_std, cfg.loss.ratio, cfg.loss.power) == (
+        -1.0,
+        2.0,
+        0.75,
+        0.75,
+    )
+    assert cfg.sampler.name == "flow_map"
     start = load_module(str(teacher), "cpu")
     hp = {**start.hparams, "parameterization": OmegaConf.to_container(cfg.parameterization)}
     hp["loss"] = OmegaConf.to_container(cfg.loss)

@@ -67,8 +67,17 @@ def _ckpt(run: Path) -> dict:
         ["model.dropout=0.1"],  # dropout draws from the global RNG: restored per rank
         pytest.param(["loss=edm2"], marks=pytest.mark.slow),  # learned log-variance head
         ["ema=power", "ema.snapshot_every=1"],  # every EMA profile is in the checkpoint
+        # the JVP losses: sCM's adaptive head and tangent warm-up, MeanFlow's pairs and flow map
+        pytest.param(
+            ["parameterization=consistency", "parameterization.sigma_min=0", "loss=scm"],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["parameterization=flow_map", "loss=meanflow", "sampler=flow_map", "model.dropout=0.1"],
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["dropout", "edm2", "power_ema"],
+    ids=["dropout", "edm2", "power_ema", "scm", "meanflow"],
 )
 def test_sigkilled_run_resumes_bitwise(tmp_path, monkeypatch, extra):
     train(compose_train(_overrides(tmp_path, extra), tmp_path / "uninterrupted"))
