@@ -124,7 +124,8 @@ def test_meanflow_preset_starts_from_its_teacher(tmp_path, teacher):
     """experiment=meanflow_mnist: the flow map built on the teacher's network, its second-time
     input added at zero weight, so before any step D(x; sigma, s) is the teacher's D(x; sigma)
     for every end s; two MeanFlow steps train it and sampler=flow_map draws finite images at one
-    and two NFE; from scratch it needs no checkpoint; loss=meanflow refuses a one-time model."""
+    and two NFE; from scratch it needs no checkpoint; distillation (loss.velocity=teacher) reads
+    init_ckpt as its teacher and stops without one; loss=meanflow refuses a one-time model."""
     from diffusionlab.interop.module import init_weights
     from diffusionlab.sampling.generator import DiffusionGenerator
     from diffusionlab.training.module import DiffusionModule
@@ -160,6 +161,10 @@ def test_meanflow_preset_starts_from_its_teacher(tmp_path, teacher):
         gen = DiffusionGenerator.from_module(student, {"name": "flow_map", "nfe": nfe})
         assert torch.isfinite(gen.generate([0, 1])).all()
     train(compose_train(["experiment=meanflow_mnist", *tiny(tmp_path / "b")], tmp_path / "b"))
+    distil = ["experiment=meanflow_mnist", "loss.velocity=teacher", *tiny(tmp_path / "d")]
+    train(compose_train([*distil, f"init_ckpt={teacher}"], tmp_path / "d"))
+    with pytest.raises(ConfigError, match="loss=meanflow needs a teacher"):
+        train(compose_train(distil, tmp_path / "d"))
     bad = ["experiment=meanflow_mnist", "parameterization=edm", *tiny(tmp_path / "c")]
     with pytest.raises(ConfigError, match="parameterization=flow_map"):
         train(compose_train(bad, tmp_path / "c"))

@@ -177,10 +177,10 @@ def check_tuning(module: DiffusionModule, cfg: DictConfig, resuming: bool) -> No
 
 
 def attach_teacher(module: DiffusionModule, cfg: DictConfig) -> None:
-    """loss=cd (and loss=scm with tangent=teacher): hand the loss its teacher's EMA denoiser,
-    read from ``loss.teacher_ckpt`` or else from ``init_ckpt`` (the student starts from its
-    teacher). Read at every start, resumed runs too: the teacher is not part of the student's
-    checkpoint."""
+    """loss=cd (and loss=scm with tangent=teacher, loss=meanflow with velocity=teacher): hand
+    the loss its teacher's EMA denoiser, read from ``loss.teacher_ckpt`` or else from
+    ``init_ckpt`` (the student starts from its teacher). Read at every start, resumed runs
+    too: the teacher is not part of the student's checkpoint."""
     loss = module.loss_fn
     if not isinstance(loss, TeacherSlot) or not loss.needs_teacher:
         return

@@ -13,7 +13,10 @@ stop-gradient, and the adaptive loss (sec. 4.3, eq. 9-10):
 
     L = sg(w) ||u_theta - u_tgt||^2,  u_tgt = sg(v - (t - r) du/dt),  w = 1 / (||.||^2 + c)^p,
 
-||.||^2 summed over the sample. (t, r): two logit-normal draws, logit t ~ N(P_mean, P_std^2)
+||.||^2 summed over the sample. ``velocity=teacher`` distils instead: v is a trained diffusion
+teacher's PF-ODE velocity (z_t - D_teacher(x~; sigma)) / t, the marginal velocity the identity
+is written with, so the target has no data noise and the flow map converges to the teacher's
+ODE. (t, r): two logit-normal draws, logit t ~ N(P_mean, P_std^2)
 (= ln sigma: a log-normal sigma), t the larger; r = t (the flow-matching loss) unless the
 sample's uniform draw falls below ``ratio`` (the share of r != t). Defaults: the ImageNet
 ablation's best (P_mean -0.4, P_std 1.0, ratio 0.25, p 1.0, c 1e-3; Table 1); CIFAR-10 used
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusionlab.diffusion.batched_rng import BatchedGenerator
-from diffusionlab.diffusion.consistency import ConsistencyObjective, _col
+from diffusionlab.diffusion.consistency import ConsistencyObjective, TeacherSlot, _col
 from diffusionlab.diffusion.continuous_consistency import total_derivative
 from diffusionlab.diffusion.noise import Generator
 from diffusionlab.diffusion.parameterizations import FlowMapParam, Parameterization
@@ -37,17 +40,22 @@ from diffusionlab.diffusion.seeds import CONSISTENCY_SIGMA_STREAM, MEANFLOW_RATI
 from diffusionlab.errors import ConfigError
 
 
-class MeanFlowLoss(ConsistencyObjective):
-    """The MeanFlow loss of the module docstring, per sample; ``p_mean``/``p_std`` of logit t,
+class MeanFlowLoss(ConsistencyObjective, TeacherSlot):
+    """The MeanFlow loss of the module docstring, per sample; ``velocity`` ``data`` (MeanFlow's
+    n - x0) or ``teacher`` (its PF-ODE; the teacher from ``teacher_ckpt`` or ``init_ckpt``,
+    :class:`~diffusionlab.diffusion.consistency.TeacherSlot`), ``p_mean``/``p_std`` of logit t,
     ``ratio`` the share of pairs with r != t, ``power`` p and ``c`` of the adaptive weight
     (``power`` 0: the plain squared error)."""
 
+    VELOCITIES = ("data", "teacher")
     config_name = "meanflow"
 
     def __init__(
         self,
         schedule: Schedule,
         parameterization: Parameterization,
+        velocity: str = "data",
+        teacher_ckpt: str | None = None,
         p_mean: float = -0.4,
         p_std: float = 1.0,
         ratio: float = 0.25,
@@ -60,12 +68,19 @@ class MeanFlowLoss(ConsistencyObjective):
                 "loss=meanflow trains a flow map, a denoiser that reads where its step ends: "
                 f"parameterization=flow_map (got {parameterization})"
             )
+        _check(velocity in self.VELOCITIES, "velocity", velocity, f"valid: {self.VELOCITIES}")
         _check(p_std > 0, "p_std", p_std, "must be > 0")
         _check(0 <= ratio <= 1, "ratio", ratio, "must be in [0, 1]")
         _check(power >= 0, "power", power, "must be >= 0")
         _check(c > 0, "c", c, "must be > 0")
         self.p_mean, self.p_std, self.ratio = float(p_mean), float(p_std), float(ratio)
         self.power, self.c = float(power), float(c)
+        self.velocity = velocity
+        self.teacher_ckpt = None if teacher_ckpt is None else str(teacher_ckpt)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.velocity == "teacher"
 
     def draw_sigmas(
         self, n: int, generator: Generator, device: torch.device
@@ -98,6 +113,11 @@ class MeanFlowLoss(ConsistencyObjective):
         n = self.noise(x0_w, generator)
         z = x0_w + _col(t, x0_w) * (n - x0_w)
         v = n - x0_w
+        if self.velocity == "teacher":
+            teacher = self.teacher_on(x0.device)
+            v_of = self.average_velocity(teacher, None, x0.dtype, class_labels, None, cond)
+            with torch.no_grad():
+                v = v_of(z, t)
         u_of = self.average_velocity(denoiser, sig_r, x0.dtype, class_labels, augment_labels, cond)
         target = self.target(u_of, z, t, r, v)
         u = u_of(z, t)  # last: a feature hook (REPA) keeps this pass's activations
@@ -107,21 +127,21 @@ class MeanFlowLoss(ConsistencyObjective):
     @staticmethod
     def average_velocity(
         denoiser: nn.Module,
-        sigma_r: Tensor,
+        sigma_r: Tensor | None,
         dtype: torch.dtype,
         class_labels: Tensor | None = None,
         augment_labels: Tensor | None = None,
         cond: dict[str, Tensor] | None = None,
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """u(z_t, t) = (z_t - D(z_t / (1 - t); t / (1 - t), sigma_r)) / t for the flow map
-        ``denoiser`` (its network in ``dtype``), r held at sigma_r / (1 + sigma_r)."""
+        ``denoiser`` (its network in ``dtype``), r held at sigma_r / (1 + sigma_r); with
+        ``sigma_r`` None, a one-time denoiser's velocity (z_t - D(x~; sigma)) / t."""
         cond = dict(cond or {})
+        end = {} if sigma_r is None else {"sigma_end": sigma_r}
 
         def u_of(z: Tensor, t: Tensor) -> Tensor:
             x = z / _col(1 - t, z)
-            d = denoiser(
-                x.to(dtype), t / (1 - t), class_labels, augment_labels, sigma_end=sigma_r, **cond
-            )
+            d = denoiser(x.to(dtype), t / (1 - t), class_labels, augment_labels, **end, **cond)
             return (z - d.to(z.dtype)) / _col(t, z)
 
         return u_of
@@ -136,6 +156,6 @@ class MeanFlowLoss(ConsistencyObjective):
 
     def extra_repr(self) -> str:
         return (
-            f"p_mean={self.p_mean}, p_std={self.p_std}, ratio={self.ratio}, power={self.power}, "
+            f"velocity={self.velocity!r}, p_mean={self.p_mean}, p_std={self.p_std}, ratio={self.ratio}, power={self.power}, "
             f"c={self.c}"
         )
