@@ -263,10 +263,16 @@ class FlowMapParam(EDMParam):
 
     end_features = 16
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(
+        self,
+        schedule: Schedule,
+        sigma_data: float = 0.5,
+        c_noise: str = "log",
+        t_scale: float | None = None,
+    ) -> None:
         from diffusionlab.networks.layers import PositionalEmbedding  # networks import diffusion/
 
-        super().__init__(*args, **kwargs)
+        super().__init__(schedule, sigma_data, c_noise, t_scale)
         self.gap_embedding = PositionalEmbedding(self.end_features, endpoint=True)
 
     def end_vector(self, sigma: Tensor, sigma_end: Tensor) -> Tensor:
