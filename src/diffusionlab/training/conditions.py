@@ -204,7 +204,7 @@ def build_network(
         what = f"cond={settings.kind} inputs" if settings else "a second time (flow_map)"
         raise ConfigError(
             f"model={model.get('_target_')} does not take {what}; the networks that do: "
-            "SongUNet (unet_*), DhariwalUNet (unet_adm*), DiT, EDM2UNet, MLP"
+            f"SongUNet (unet_*), DhariwalUNet (unet_adm*), DiT, EDM2UNet{'' if settings else ', MLP'}"
         ) from None
 
 
