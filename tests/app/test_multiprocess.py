@@ -69,6 +69,15 @@ def _popen(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
     )
 
 
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """``cmd`` run to its end from the repository root; it must succeed."""
+    res = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
 def _pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
 
@@ -125,15 +134,7 @@ def test_torchrun_two_processes_write_the_files_of_one(ckpt, tmp_path):
     one run directory with rank 0's .hydra/ and a log file per process."""
     out = tmp_path / "two"
     args = _args(ckpt, out, 10)
-    res = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", "sample.py", *args],
-        cwd=ROOT,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run([TORCHRUN, "--standalone", "--nproc_per_node=2", "sample.py", *args])
     assert "2 processes made 10 images (5 + 5), 0 already written were skipped" in res.stdout
     one = tmp_path / "one"
     _sample(_args(ckpt, one, 10), one)
@@ -211,15 +212,7 @@ def test_submitit_launcher_with_two_tasks_per_node(ckpt, tmp_path):
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         *_args(ckpt, out, 10),
     ]
-    res = subprocess.run(
-        [sys.executable, "sample.py", *args],
-        cwd=ROOT,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run([sys.executable, "sample.py", *args])
     logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("*_log.*"))
     assert "2 processes made 10 images (5 + 5)" in logs, logs[-3000:]
     one = tmp_path / "one"
@@ -258,21 +251,15 @@ def test_torchrun_evaluate_gives_the_metrics_of_one_process(ckpt, tmp_path):
         )
     one = evaluate(cfg)["metrics"]  # trains the domain extractor and caches the reference
     two_dir = tmp_path / "two"
-    res = subprocess.run(
+    _run(
         [
             TORCHRUN,
             "--standalone",
             "--nproc_per_node=2",
             "evaluate.py",
             *_eval_args(ckpt, two_dir, cache),
-        ],
-        cwd=ROOT,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=600,
+        ]
     )
-    assert res.returncode == 0, res.stderr[-3000:]
     two = json.loads((two_dir / "metrics.json").read_text())["metrics"]
     assert set(two) == set(one)
     for k in one:

@@ -55,6 +55,8 @@ def test_every_loss_trains(tmp_path, loss):
             "parameterization.learned_variance=true",
             "model.out_channels=2",
         ]
+    elif loss == "meanflow":  # trains a flow map
+        overrides.append("parameterization=flow_map")
     metrics = train(compose_train(overrides, tmp_path))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 

@@ -96,7 +96,8 @@ def test_flow_map_is_the_identity_at_its_start_and_a_denoiser_there():
 @pytest.mark.parametrize("nfe", [1, 2, 4])
 def test_sampler_on_the_exact_flow_map_draws_the_data(nfe):
     """sampler=flow_map on the exact flow map of N(MU, S^2) gives N(MU, S^2) at 1, 2 and 4 NFE
-    (each step the exact ODE solution), while Euler at the same NFE does not."""
+    (each step the exact ODE solution), while Euler at the same NFE does not; given a denoise
+    that takes no ``sigma_end`` it is Euler."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(20_000, 1, generator=gen, dtype=torch.float64) * 80
     sigmas = torch.tensor([80.0, 2.0, 0.5, 0.1][:nfe] + [0.0], dtype=torch.float64)
@@ -107,6 +108,8 @@ def test_sampler_on_the_exact_flow_map_draws_the_data(nfe):
     assert torch.allclose(out, exact, atol=1e-9)
     euler = get_sampler("euler")(lambda x, s: den(x, s), x, sigmas)
     assert abs(euler.std() - S) > 0.05 or nfe == 1  # one Euler step to 0 is D(x; 80): exact too
+    # a denoise without the keyword (a one-time model's) gets Euler's steps
+    assert torch.equal(get_sampler("flow_map")(lambda x, s: den(x, s), x, sigmas), euler)
 
 
 # ---------------------------------------------------------------- the loss

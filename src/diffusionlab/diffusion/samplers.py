@@ -4,9 +4,10 @@ Every sampler has one signature, ``sampler(denoise, x, sigmas, *, generator=None
 ``denoise(x, sigma)`` returns D(x; sigma) for a batch and a per-sample ``[B]`` sigma, ``x`` is noise
 already scaled to ``sigmas[0]``, ``sigmas`` is strictly decreasing and ends at 0. The callback gets
 ``{'i', 'sigma', 'x', 'denoised', 'nfe'}`` after each network evaluation that starts a step, and
-``sampler.nfe`` holds the exact count of the last run. All noise comes from
-:func:`diffusionlab.diffusion.noise.randn_like`, so per-sample generators give batch-independent
-samples. A grid that requires grad reaches the samplers as 0-d tensors, so every deterministic
+``sampler.nfe`` holds the exact count of the last run. ``flow_map`` also hands ``denoise`` the
+step's end as ``sigma_end=`` when it takes that keyword (a flow-map model's ``Denoiser``). All
+noise comes from :func:`diffusionlab.diffusion.noise.randn_like`, so per-sample generators give
+batch-independent samples. A grid that requires grad reaches the samplers as 0-d tensors, so every deterministic
 sampler's output is differentiable in the sigmas (learned grids, ``grid_fit.py``).
 
 Each sampler is registered by :func:`register_sampler` with its facts in one record
@@ -49,16 +50,28 @@ def _expm1(v: Scalar) -> Scalar:
     return v.expm1() if isinstance(v, Tensor) else math.expm1(v)
 
 
+def _takes_end(denoise: Denoise) -> bool:
+    """Whether ``denoise`` (a module: its ``forward``) takes ``sigma_end`` or any keyword."""
+    fn = denoise.forward if isinstance(denoise, torch.nn.Module) else denoise
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is p.VAR_KEYWORD or p.name == "sigma_end" for p in params)
+
+
 class _Model:
     """Counts NFE, broadcasts a float sigma to ``[B]`` and forwards step info to the callback."""
 
     def __init__(self, denoise: Denoise, callback: Callback | None) -> None:
         self.denoise, self.callback, self.nfe = denoise, callback, 0
+        self.takes_end = _takes_end(denoise)
 
     def __call__(self, x: Tensor, sigma: float, sigma_end: float | None = None) -> Tensor:
-        """D(x; sigma), or a flow map's D(x; sigma, sigma_end) (``FlowMapParam``)."""
+        """D(x; sigma), or a flow map's D(x; sigma, sigma_end) (``FlowMapParam``) when
+        ``denoise`` takes that keyword (a ``Denoiser`` and the generator's closures do)."""
         self.nfe += 1
-        if sigma_end is None:
+        if sigma_end is None or not self.takes_end:
             return self.denoise(x, self._batch(x, sigma))
         return self.denoise(x, self._batch(x, sigma), sigma_end=self._batch(x, sigma_end))
 
@@ -156,20 +169,6 @@ def euler(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
         den = m(x, s)
-        m.report(i, s, x, den)
-        x = x + (sn - s) / s * (x - den)
-    return x
-
-
-@register_sampler()
-def flow_map(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
-    """Flow-map sampling (MeanFlow, Geng et al. 2025, Alg. 2: z_r = z_t - (t - r) u(z_t, r, t)):
-    x <- Phi(x; s -> s') = x + (s' - s) / s (x - D(x; s, s')), one NFE per step, for a model
-    whose D knows where its step ends (``parameterization=flow_map``): the PF-ODE's solution in
-    one evaluation. On a one-time denoiser it is Euler's method."""
-    for i in range(len(sig) - 1):
-        s, sn = sig[i], sig[i + 1]
-        den = m(x, s, sn)
         m.report(i, s, x, den)
         x = x + (sn - s) / s * (x - den)
     return x
@@ -329,6 +328,20 @@ def consistency(
         den = m(x, s)
         m.report(i, s, x, den)
     return den
+
+
+@register_sampler()
+def flow_map(m: _Model, x: Tensor, sig: list[float], gen: Generator) -> Tensor:
+    """Flow-map sampling (MeanFlow, Geng et al. 2025, Alg. 2: z_r = z_t - (t - r) u(z_t, r, t)):
+    x <- Phi(x; s -> s') = x + (s' - s) / s (x - D(x; s, s')), one NFE per step, for a model
+    whose D knows where its step ends (``parameterization=flow_map``): the PF-ODE's solution in
+    one evaluation. On a one-time denoiser it is Euler's method."""
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        den = m(x, s, sn)
+        m.report(i, s, x, den)
+        x = x + (sn - s) / s * (x - den)
+    return x
 
 
 def _langevin_costs(options: Options) -> tuple[int, int]:
