@@ -208,8 +208,8 @@ def attach_teacher(module: DiffusionModule, cfg: DictConfig) -> None:
             "teacher would read the student's embeddings"
         )
     loss.set_teacher(denoiser_of(teacher, use_ema=True))
-    steps = getattr(loss, "teacher_sampler", "its PF-ODE's derivative")
-    log.info("%s: teacher %s=%s, steps by %s", name, key, path, steps)
+    steps = getattr(loss, "teacher_sampler", None)  # cd's ODE steps; scm and meanflow read D
+    log.info("%s: teacher %s=%s%s", name, key, path, f", steps by {steps}" if steps else "")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

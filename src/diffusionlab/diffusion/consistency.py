@@ -367,10 +367,10 @@ class ECTLoss(ConsistencyLoss):
 
 class TeacherSlot:
     """A frozen diffusion teacher of a distillation loss (``loss=cd``, ``loss=scm`` with
-    ``tangent=teacher``, ``loss=meanflow`` with ``velocity=teacher``). The training app reads it from ``teacher_ckpt`` (or the run's
-    ``init_ckpt``: the student starts from its teacher) and hands it over with
-    :meth:`set_teacher`; it is not a submodule (not in the state dict, not trained), so a resumed
-    run reads it again."""
+    ``tangent=teacher``, ``loss=meanflow`` with ``velocity=teacher``). The training app reads it
+    from ``teacher_ckpt`` (or the run's ``init_ckpt``: the student starts from its teacher) and
+    hands it over with :meth:`set_teacher`; it is not a submodule (not in the state dict, not
+    trained), so a resumed run reads it again."""
 
     config_name: str  # the ``loss=`` choice, for messages
     teacher_ckpt: str | None = None

@@ -14,6 +14,7 @@ in the same space. The network's time input ``c_noise`` is chosen by ``c_noise``
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
@@ -263,17 +264,12 @@ class FlowMapParam(EDMParam):
 
     end_features = 16
 
-    def __init__(
-        self,
-        schedule: Schedule,
-        sigma_data: float = 0.5,
-        c_noise: str = "log",
-        t_scale: float | None = None,
-    ) -> None:
+    @functools.cached_property
+    def gap_embedding(self) -> nn.Module:
+        """The networks' sinusoidal embedding, ``end_features`` wide (stateless)."""
         from diffusionlab.networks.layers import PositionalEmbedding  # networks import diffusion/
 
-        super().__init__(schedule, sigma_data, c_noise, t_scale)
-        self.gap_embedding = PositionalEmbedding(self.end_features, endpoint=True)
+        return PositionalEmbedding(self.end_features, endpoint=True)
 
     def end_vector(self, sigma: Tensor, sigma_end: Tensor) -> Tensor:
         """``[B, 16]``: the embedding of h = t - r, t = sigma / (1 + sigma), r = s / (1 + s)."""
